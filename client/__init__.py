@@ -1,0 +1,1 @@
+"""The Python client library and ckptctl (talks to ckptd only over gRPC)."""
