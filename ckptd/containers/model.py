@@ -34,6 +34,10 @@ class RunSpec:
     hostname: str = ""                 # empty -> the name, else the id
     network: Network = Network.HOST
     tty: bool = False
+    # Who asked (from SO_PEERCRED): the init runs with these ids, so a caller
+    # never gets more privilege through the daemon than it has. Root: 0, 0.
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class ContainerInfo:
     exited_at: float | None = None
     exit_code: int | None = None       # set when EXITED normally
     exit_signal: int | None = None     # set when EXITED by a signal
+    owner_uid: int = 0                 # uid of the caller that created it
     num_tasks: int = 0
     rss_bytes: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
