@@ -1,0 +1,113 @@
+"""The daemon's side of the shim: start one, hear whether the init started.
+
+``start_shim`` returns once the init has exec'd (or raises after reaping the
+shim if it did not). Reaping a shim that started is the ShimReaper's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.containers.shim import ShimConfig
+from ckptd.errors import SystemError_, TimeoutError_, UsageError
+from ckptd.kernel import process
+
+SHIM_MODULE = "ckptd.containers.shim"
+# Python start-up, fork and exec take ~50 ms here; allow for a loaded machine.
+SHIM_REPORT_TIMEOUT = 10.0
+# A shim that reported an init failure exits right after; do not wait forever.
+SHIM_EXIT_TIMEOUT = 5.0
+SHIM_LOG_TAIL = 2000   # bytes of shim.log quoted when a shim dies unexpectedly
+
+
+@dataclass(frozen=True)
+class Started:
+    shim: subprocess.Popen[bytes]
+    shim_start_time: int
+    init_pid: int
+    init_start_time: int
+
+
+def start_shim(cfg: ShimConfig, shim_log: Path, module: str = SHIM_MODULE,
+               timeout: float = SHIM_REPORT_TIMEOUT) -> Started:
+    """Start the shim for ``cfg``. UsageError if the command could not be
+    started for a reason the caller can fix, SystemError_/TimeoutError_ else."""
+    try:
+        with open(shim_log, "ab") as errors:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                close_fds=True, start_new_session=True, cwd="/",
+            )
+    except OSError as e:
+        raise SystemError_(f"cannot start the container shim: {e}") from e
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        # Our child, not yet reaped: its pid cannot have been reused.
+        shim_start_time = process.start_time(proc.pid)
+        try:
+            proc.stdin.write(cfg.to_json().encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the missing report below says so, with its log
+        line = _read_line(proc.stdout.fileno(), timeout)
+        report = _parse_report(line, shim_log)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    if "error" in report:
+        proc.wait(SHIM_EXIT_TIMEOUT)
+        if report.get("kind") == "usage":
+            raise UsageError(report["error"])
+        raise SystemError_(report["error"])
+    return Started(shim=proc, shim_start_time=shim_start_time,
+                   init_pid=int(report["init_pid"]),
+                   init_start_time=int(report["init_start_time"]))
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError_(f"the container shim did not report within {timeout:g} s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _parse_report(line: bytes, shim_log: Path) -> dict[str, Any]:
+    if not line.strip():
+        raise SystemError_(f"the container shim died before reporting: {_tail(shim_log)}")
+    try:
+        report = json.loads(line)
+    except ValueError as e:
+        raise SystemError_(f"the container shim sent a bad report: {line[:200]!r}") from e
+    if not isinstance(report, dict):
+        raise SystemError_(f"the container shim sent a bad report: {line[:200]!r}")
+    return report
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - SHIM_LOG_TAIL))
+            text = f.read().decode(errors="replace").strip()
+    except OSError:
+        return "(no shim log)"
+    return text.splitlines()[-1] if text else "(shim log empty)"
