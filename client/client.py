@@ -1,0 +1,380 @@
+"""``Client``: the typed Python API of ckptd, one method per RPC.
+
+Methods return the generated protobuf messages (typed by ``api_pb2.pyi``) and
+raise ``ClientError`` subclasses (see ``errors``); no ``grpc.RpcError`` gets
+out. Short calls have a deadline (``timeout``, plus the time the daemon is
+asked to wait, for freeze/thaw/kill); transfers (logs, checkpoint, restart,
+migrate) have none, since they last as long as the image is big.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ckptd.v1 import api_pb2, api_pb2_grpc
+
+from .address import Address, TlsFiles, default_address, open_channel, parse_address
+from .errors import ClientError, Internal, InvalidArgument, from_rpc_error
+from .transfer import (
+    PathOrFile, ProgressFn, atomic_output, counted, is_path, read_chunks, rechunk, write_chunks,
+)
+
+Container = api_pb2.Container
+StatusResponse = api_pb2.StatusResponse
+Operation = api_pb2.Operation
+
+# The name the daemon registers with the standard gRPC health service.
+HEALTH_SERVICE = "ckptd.v1.Ckptd"
+
+# Freeze/thaw wait for the cgroup for this long when not told (the API's default).
+DEFAULT_STATE_TIMEOUT = 10.0
+
+# How often migrate() asks Status for the operation's progress: often enough
+# for a progress line, rare enough to cost the daemon nothing. Also how long a
+# blocking wait sleeps between checks, so Ctrl-C is noticed.
+POLL_SECONDS = 1.0
+
+_NETWORKS = {
+    "host": api_pb2.NETWORK_MODE_HOST,
+    "new": api_pb2.NETWORK_MODE_NEW,
+}
+
+_Response = TypeVar("_Response")
+
+
+class Client:
+    """A connection to one ckptd daemon.
+
+    ``address`` is a unix socket path (default ``$CKPTD_ADDRESS``, then
+    ``/run/ckptd/ckptd.sock``) or ``host:port``, which needs ``tls_cert`` and
+    ``tls_key`` (our identity) and normally ``tls_ca`` (to verify the daemon),
+    unless ``insecure`` is set, which only loopback accepts. ``timeout`` is
+    the deadline of short calls in seconds (None: no deadline).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        insecure: bool = False,
+        timeout: float | None = 30.0,
+    ) -> None:
+        self.address: Address = parse_address(address or default_address())
+        self.timeout = timeout
+        self._channel = open_channel(
+            self.address, TlsFiles(tls_cert, tls_key, tls_ca), insecure=insecure
+        )
+        self._stub = api_pb2_grpc.CkptdStub(self._channel)
+
+    # -- connection -----------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> bool:
+        """Whether the daemon answers and reports itself SERVING.
+
+        An unreachable daemon is simply not healthy (False); other failures,
+        e.g. a daemon without the health service, raise.
+        """
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        for service in (HEALTH_SERVICE, ""):
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                   timeout=self.timeout)
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                if code is grpc.StatusCode.NOT_FOUND and service:
+                    continue  # the daemon may register only the overall status
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.NOT_FOUND):
+                    return False
+                raise self._error(e, self.timeout) from e
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def run(
+        self,
+        argv: Iterable[str],
+        *,
+        name: str = "",
+        env: Iterable[str] | Mapping[str, str] = (),
+        cwd: str = "",
+        hostname: str = "",
+        network: str = "host",
+        tty: bool = False,
+    ) -> Container:
+        """Start ``argv`` as the init of a new container."""
+        argv = builtins.list(argv)
+        if not argv:
+            raise InvalidArgument("no command to run")
+        if network not in _NETWORKS:
+            raise InvalidArgument(f"network must be 'host' or 'new', not {network!r}")
+        try:
+            request = api_pb2.RunRequest(
+                argv=argv, name=name, env=_env_entries(env), cwd=cwd, hostname=hostname,
+                network=_NETWORKS[network], tty=tty,
+            )
+        except ValueError as e:
+            # protobuf strings must be UTF-8; a command line with other bytes
+            # (surrogate-escaped by Python) cannot be sent.
+            raise InvalidArgument(f"the command, environment and names must be UTF-8 text: {e}") from e
+        return self._unary(self._stub.Run, request)
+
+    def list(self, running_only: bool = False) -> builtins.list[Container]:
+        """Every container the daemon knows (only running ones if asked)."""
+        reply = self._unary(self._stub.List, api_pb2.ListRequest(running_only=running_only))
+        return builtins.list(reply.containers)
+
+    def status(self, ref: str = "") -> StatusResponse:
+        """One container (by id or name) and its operations, or with no ``ref``
+        the daemon itself and every running operation."""
+        return self._unary(self._stub.Status, api_pb2.StatusRequest(id=ref))
+
+    def operation(self, ref: str, kind: api_pb2.OperationKind) -> Operation | None:
+        """The running operation of ``kind`` on container ``ref``, if there is one."""
+        for op in self.status(ref).operations:
+            if op.kind == kind:
+                return op
+        return None
+
+    def freeze(self, ref: str, timeout: float = DEFAULT_STATE_TIMEOUT) -> Container:
+        """Freeze every task of the container; returns once the cgroup is frozen."""
+        request = api_pb2.FreezeRequest(id=_required(ref), timeout_seconds=timeout)
+        return self._unary(self._stub.Freeze, request, waits=timeout)
+
+    def thaw(self, ref: str, timeout: float = DEFAULT_STATE_TIMEOUT) -> Container:
+        """Thaw a frozen container; returns once the cgroup is thawed."""
+        request = api_pb2.ThawRequest(id=_required(ref), timeout_seconds=timeout)
+        return self._unary(self._stub.Thaw, request, waits=timeout)
+
+    def kill(self, ref: str, signal: int = 0, timeout: float = 0.0) -> Container:
+        """Send ``signal`` (0: SIGTERM) to the init; with ``timeout`` > 0, SIGKILL
+        the whole container if it has not exited by then."""
+        request = api_pb2.KillRequest(id=_required(ref), signal=signal, timeout_seconds=timeout)
+        return self._unary(self._stub.Kill, request, waits=timeout)
+
+    def delete(self, ref: str, force: bool = False) -> str:
+        """Forget an exited container (``force``: SIGKILL it first); returns its id."""
+        request = api_pb2.DeleteRequest(id=_required(ref), force=force)
+        return self._unary(self._stub.Delete, request).id
+
+    def logs(self, ref: str, follow: bool = False) -> Generator[bytes, None, None]:
+        """The container's output, as it comes; ``follow`` waits for more until
+        it exits. Closing the iterator ends the call."""
+        request = api_pb2.LogsRequest(id=_required(ref), follow=follow)
+        return self._data_stream(self._stub.Logs, request)
+
+    # -- checkpoint / restart -------------------------------------------------
+
+    def checkpoint(
+        self, ref: str | None = None, *, pid: int | None = None, leave_running: bool = False
+    ) -> Generator[bytes, None, None]:
+        """Checkpoint container ``ref`` or host process tree ``pid``, yielding the
+        image as the daemon produces it. Closing the iterator early cancels the
+        checkpoint (the daemon then leaves the target running)."""
+        if (ref is None) == (pid is None):
+            raise InvalidArgument("checkpoint needs exactly one of a container and a pid")
+        if ref is not None:
+            request = api_pb2.CheckpointRequest(id=_required(ref), leave_running=leave_running)
+        else:
+            if pid is None or pid <= 0:
+                raise InvalidArgument(f"bad pid {pid}")
+            request = api_pb2.CheckpointRequest(pid=pid, leave_running=leave_running)
+        return self._data_stream(self._stub.Checkpoint, request)
+
+    def checkpoint_to_file(
+        self,
+        dest: PathOrFile,
+        *,
+        ref: str | None = None,
+        pid: int | None = None,
+        leave_running: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> int:
+        """Checkpoint into ``dest`` (a path, or a binary file left open); returns
+        the image size. A path gets the image only if all of it arrived."""
+        stream = self.checkpoint(ref, pid=pid, leave_running=leave_running)
+        # closing(): if writing fails (disk full, broken pipe), cancel the call
+        # at once so that the daemon abandons the checkpoint.
+        with contextlib.closing(stream):
+            chunks = counted(stream, progress)
+            if not is_path(dest):
+                total = write_chunks(chunks, dest)  # type: ignore[arg-type]
+                _check_not_empty(total)
+                return total
+            with atomic_output(dest) as f:  # type: ignore[arg-type]
+                total = write_chunks(chunks, f)
+                _check_not_empty(total)  # inside: an empty image is not kept either
+            return total
+
+    def restart(self, chunks: Iterable[bytes], *, name: str = "") -> Container:
+        """Restart a container from the image bytes in ``chunks``."""
+        options = api_pb2.RestartOptions(name=name)
+        failure: builtins.list[BaseException] = []
+        holder: builtins.list[grpc.Future] = []
+        started = threading.Event()
+
+        def requests() -> Iterator[api_pb2.RestartRequest]:
+            yield api_pb2.RestartRequest(options=options)
+            try:
+                for chunk in rechunk(chunks):
+                    yield api_pb2.RestartRequest(data=chunk)
+            except Exception as e:  # noqa: BLE001 - re-raised on the caller's thread
+                # grpc reads this iterator on its own thread and would only log
+                # the error; cancel the call so the daemon never sees a clean
+                # end of a truncated image, and hand the error to the caller.
+                # (Not BaseException: GeneratorExit is grpc dropping the iterator.)
+                failure.append(e)
+                started.wait()
+                holder[0].cancel()
+
+        future = self._stub.Restart.future(requests())
+        holder.append(future)
+        started.set()
+        try:
+            return self._wait(future, failure)
+        except grpc.RpcError as e:
+            if failure:
+                raise failure[0] from None
+            raise self._error(e, None) from e
+
+    def restart_from_file(
+        self, source: PathOrFile, *, name: str = "", progress: ProgressFn | None = None
+    ) -> Container:
+        """Restart a container from an image file (a path, or a binary file)."""
+        if not is_path(source):
+            return self.restart(counted(read_chunks(source), progress), name=name)  # type: ignore[arg-type]
+        with open(source, "rb") as f:  # type: ignore[arg-type]
+            return self.restart(counted(read_chunks(f), progress), name=name)
+
+    def migrate(
+        self,
+        ref: str,
+        destination: str,
+        *,
+        leave_running: bool = False,
+        progress: Callable[[Operation], None] | None = None,
+    ) -> Container:
+        """Checkpoint ``ref`` here and restart it on the daemon at ``destination``.
+
+        Over TCP the source daemon authenticates to the destination with the
+        client certificate of its own configuration. ``progress``, if
+        given, is called about every second with the migrate operation as the
+        daemon reports it. Returns the container on the destination.
+        """
+        parse_address(destination)  # only to refuse a malformed one before the daemon does
+        request = api_pb2.MigrateRequest(
+            id=_required(ref), destination=destination, leave_running=leave_running,
+        )
+        future = self._stub.Migrate.future(request)
+        watch = None if progress is None else lambda: self._report_migrate(ref, progress)
+        try:
+            reply = self._wait(future, [], poll=watch)
+        except grpc.RpcError as e:
+            raise self._error(e, None) from e
+        return reply.container
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _deadline(self, waits: float = 0.0) -> float | None:
+        if self.timeout is None or self.timeout <= 0:
+            return None
+        return self.timeout + max(waits, 0.0)
+
+    def _error(self, error: grpc.RpcError, timeout: float | None) -> ClientError:
+        return from_rpc_error(error, self.address.text, timeout)
+
+    def _unary(self, method: Any, request: Any, *, waits: float = 0.0) -> Any:
+        deadline = self._deadline(waits)
+        try:
+            return method(request, timeout=deadline)
+        except grpc.RpcError as e:
+            raise self._error(e, deadline) from e
+
+    def _data_stream(self, method: Any, request: Any) -> Generator[bytes, None, None]:
+        """The ``data`` of each message of a server stream (LogChunk, ImageChunk)."""
+        call = method(request)
+        try:
+            for message in call:
+                yield message.data
+        except grpc.RpcError as e:
+            raise self._error(e, None) from e
+        finally:
+            # The consumer stopped early (or we failed): tell the daemon, so it
+            # stops producing and, for a checkpoint, resumes the target.
+            call.cancel()
+
+    def _wait(
+        self,
+        future: grpc.Future,
+        failure: builtins.list[BaseException],
+        poll: Callable[[], None] | None = None,
+    ) -> Any:
+        """The result of ``future``; Ctrl-C cancels the call instead of leaving it running."""
+        try:
+            while True:
+                try:
+                    return future.result(timeout=POLL_SECONDS)
+                except grpc.FutureTimeoutError:
+                    if poll is not None:
+                        poll()
+                except grpc.FutureCancelledError:
+                    if failure:
+                        raise failure[0] from None
+                    raise
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _report_migrate(self, ref: str, progress: Callable[[Operation], None]) -> None:
+        try:
+            op = self.operation(ref, api_pb2.OPERATION_KIND_MIGRATE)
+        except ClientError:
+            return  # progress is cosmetic: the Migrate call reports real failures
+        if op is not None:
+            progress(op)
+
+
+def _required(ref: str) -> str:
+    if not ref:
+        raise InvalidArgument("no container id or name given")
+    return ref
+
+
+def _env_entries(env: Iterable[str] | Mapping[str, str]) -> builtins.list[str]:
+    if isinstance(env, Mapping):
+        return [f"{k}={v}" for k, v in env.items()]
+    entries = builtins.list(env)
+    for entry in entries:
+        if "=" not in entry or entry.startswith("="):
+            raise InvalidArgument(f"environment entry {entry!r} is not KEY=VALUE")
+    return entries
+
+
+def _check_not_empty(total: int) -> None:
+    if total == 0:
+        # A valid image has at least a header and a trailer; an empty stream
+        # means the daemon gave up without saying why.
+        raise Internal("ckptd sent an empty checkpoint image")
+
+
+__all__ = ["Client", "Container", "Operation", "StatusResponse", "HEALTH_SERVICE"]

@@ -1,0 +1,111 @@
+"""Moving image bytes between gRPC streams and files.
+
+A checkpoint image goes to a temporary file next to its destination and is
+renamed into place only once the daemon has sent all of it, so a failed or
+interrupted checkpoint never leaves a truncated image that looks like a good
+one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, BinaryIO, Union
+
+# The size of the data chunks sent to Restart: the API asks for at most 1 MiB,
+# large enough that per-message overhead is negligible at disk speed.
+CHUNK_BYTES = 1024 * 1024
+
+# Progress callbacks receive the number of image bytes moved so far.
+ProgressFn = Callable[[int], None]
+PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
+
+
+def rechunk(chunks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield the bytes of ``chunks`` in pieces of at most ``size``, skipping empty ones."""
+    for chunk in chunks:
+        if len(chunk) <= size:
+            if chunk:
+                yield bytes(chunk)
+            continue
+        view = memoryview(chunk)
+        for start in range(0, len(view), size):
+            yield bytes(view[start:start + size])
+
+
+def read_chunks(f: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Read ``f`` to its end in chunks of at most ``size``."""
+    while True:
+        chunk = f.read(size)
+        if not chunk:
+            return
+        yield chunk
+
+
+def counted(chunks: Iterable[bytes], progress: ProgressFn | None) -> Iterator[bytes]:
+    """Pass ``chunks`` through, reporting the running byte count to ``progress``."""
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        if progress is not None:
+            progress(done)
+
+
+def write_chunks(chunks: Iterable[bytes], f: BinaryIO) -> int:
+    """Write every chunk to ``f``; returns the number of bytes written."""
+    total = 0
+    for chunk in chunks:
+        f.write(chunk)
+        total += len(chunk)
+    f.flush()
+    return total
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file that appears at ``path`` only if the block finishes without error.
+
+    The temporary file is created with mode 0600 and keeps it: an image holds
+    the whole memory of the checkpointed processes, secrets included.
+    """
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        # Found now, not at the rename after a whole (maybe fatal) checkpoint.
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+    directory = os.path.dirname(target) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _sync_directory(directory)
+    except BaseException:
+        # Any failure, Ctrl-C included, must not leave the partial image behind.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _sync_directory(directory: str) -> None:
+    """Make the rename durable, so a crash right after cannot lose the image."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # best effort: the image itself is already fsynced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the data is safe
+    finally:
+        os.close(fd)
+
+
+def is_path(target: PathOrFile) -> bool:
+    return isinstance(target, (str, os.PathLike))
