@@ -1,0 +1,362 @@
+"""The daemon end to end: a real ckptd, real containers, driven through the
+client library and the ckptctl command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Daemon, pid_gone, wait_for
+from ckptd.v1 import api_pb2 as pb
+
+# The init of a PID namespace only gets signals it handles: trap TERM.
+COUNTER_LOOP = "trap 'exit 143' TERM; i=0; while :; do i=$((i+1)); echo $i > {path}; sleep 0.02; done"
+
+
+def counter_cmd(path: Path) -> list[str]:
+    return ["sh", "-c", COUNTER_LOOP.format(path=path)]
+
+
+def read_counter(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0  # the shell is between truncating and writing the file
+
+
+def progresses(path: Path, within: float = 3.0) -> bool:
+    first = wait_for(lambda: read_counter(path), within, f"{path} to count")
+    try:
+        wait_for(lambda: read_counter(path) > first, within, f"{path} to grow")
+        return True
+    except AssertionError:
+        return False
+
+
+def stands_still(path: Path, span: float = 0.5) -> bool:
+    before = read_counter(path)
+    time.sleep(span)
+    return read_counter(path) == before
+
+
+def ns_inode(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def rpc_events(d: Daemon) -> list[dict]:
+    events = []
+    for line in d.log_path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "rpc":
+            events.append(event)
+    return events
+
+
+def test_container_lifecycle_through_the_library(daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "counter"
+    with daemon.client() as c:
+        ctr = c.run(["sh", "-c", f"cat /proc/sys/kernel/hostname; echo pid=$$; "
+                                 f"readlink /proc/self; {COUNTER_LOOP.format(path=counter)}"],
+                    name="web", hostname="box-1")
+        assert ctr.state == pb.CONTAINER_STATE_RUNNING
+        assert ctr.init_ns_pid == 1 and ctr.init_pid > 1
+        assert [x.id for x in c.list()] == [ctr.id]
+
+        # Its init lives in new pid, uts, ipc and mount namespaces.
+        for kind in ("pid", "uts", "ipc", "mnt"):
+            assert ns_inode(ctr.init_pid, kind) != ns_inode("self", kind), kind
+        assert ns_inode(ctr.init_pid, "net") == ns_inode("self", "net")  # host network
+        assert progresses(counter)
+        out = wait_for(lambda: b"pid=1" in b"".join(c.logs(ctr.id)) and b"".join(c.logs(ctr.id)),
+                       5, "the container's first lines")
+        lines = out.decode().split()
+        assert lines[0] == "box-1" and lines[1] == "pid=1"
+        assert int(lines[2]) < 10, "readlink /proc/self must show a pid of the new namespace"
+
+        status = c.status(ctr.id).container
+        assert status.num_tasks >= 1 and status.rss_bytes > 0
+        assert status.cgroup_path and Path(status.cgroup_path).is_dir()
+
+        frozen = c.freeze(ctr.id)
+        assert frozen.state == pb.CONTAINER_STATE_FROZEN
+        assert stands_still(counter)
+        cg = Path(frozen.cgroup_path)
+        if (cg / "cgroup.events").exists():
+            assert "frozen 1" in (cg / "cgroup.events").read_text()
+        else:
+            assert (cg / "freezer.state").read_text().strip() == "FROZEN"
+        for task in os.listdir(f"/proc/{ctr.init_pid}/task"):
+            assert _task_state(ctr.init_pid, task) in ("S", "D", "T"), "frozen tasks do not run"
+
+        thawed = c.thaw(ctr.id)
+        assert thawed.state == pb.CONTAINER_STATE_RUNNING
+        assert progresses(counter)
+
+        killed = c.kill(ctr.id, timeout=5)
+        assert killed.state == pb.CONTAINER_STATE_EXITED
+        assert (killed.exit_code, killed.exit_signal) == (143, 0), "init's TERM trap ran"
+        assert wait_for(lambda: pid_gone(ctr.init_pid), 5, "init to be reaped")
+
+        c.delete(ctr.id)
+        assert c.list() == []
+        assert not cg.exists()
+    assert {e["method"] for e in rpc_events(daemon)} >= {"Run", "List", "Freeze", "Thaw", "Kill",
+                                                          "Delete", "Status", "Logs"}
+    one = next(e for e in rpc_events(daemon) if e["method"] == "Freeze")
+    assert one["container"] == ctr.id and one["result"] == "OK" and "ms" in one
+    assert one["caller"].startswith("uid=0 pid=")
+
+
+def _task_state(pid: int, tid: str) -> str:
+    stat_line = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return stat_line.rsplit(")", 1)[1].split()[0]
+
+
+def test_exit_code_and_errors(daemon: Daemon) -> None:
+    from ckptd_client import errors
+    with daemon.client() as c:
+        ctr = c.run(["sh", "-c", "exit 7"])
+        done = wait_for(lambda: (s := c.status(ctr.id).container).state == pb.CONTAINER_STATE_EXITED
+                        and s, 5, "the container to exit")
+        assert done.exit_code == 7 and done.exit_signal == 0
+        with pytest.raises(errors.FailedPrecondition, match="not running|exited"):
+            c.freeze(ctr.id)
+        with pytest.raises(errors.NotFound):
+            c.status("nosuchcontainer")
+        with pytest.raises(errors.InvalidArgument, match="not found|no-such-program"):
+            c.run(["/no-such-program"])
+        with pytest.raises(errors.InvalidArgument):
+            c.run([])
+        with pytest.raises(errors.Unimplemented, match="not implemented"):
+            list(c.checkpoint(ctr.id))
+        c.delete(ctr.id)
+        assert c.list() == []
+
+
+def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "counter"
+    r = daemon.ckptctl("run", "--name", "job", "--hostname", "h2", "--net", "new", "--",
+                       *counter_cmd(counter))
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    assert progresses(counter)
+
+    r = daemon.ckptctl("ps")
+    assert r.returncode == 0 and "job" in r.stdout.decode() and "running" in r.stdout.decode()
+    r = daemon.ckptctl("--json", "ps")
+    listed = json.loads(r.stdout)
+    assert [x["id"] for x in listed] == [cid]
+    init_pid = int(listed[0]["init_pid"])
+    assert ns_inode(init_pid, "net") != ns_inode("self", "net")
+    links = subprocess.run(["nsenter", "-t", str(init_pid), "-n", "ip", "-o", "link"],
+                           capture_output=True, text=True)
+    if links.returncode == 0:  # iproute2 present: only lo, and it is up
+        assert [ln.split(":")[1].strip() for ln in links.stdout.splitlines()] == ["lo"]
+        assert "UP" in links.stdout
+
+    assert daemon.ckptctl("freeze", "job").returncode == 0
+    assert stands_still(counter)
+    r = daemon.ckptctl("status", "job")
+    assert r.returncode == 0 and "frozen" in r.stdout.decode()
+    assert daemon.ckptctl("thaw", cid).returncode == 0
+    assert progresses(counter)
+
+    r = daemon.ckptctl("rm", "job")
+    assert r.returncode == 4, "a running container is not deleted without --force"
+    assert b"running" in r.stderr and b"Traceback" not in r.stderr
+
+    r = daemon.ckptctl("kill", "-s", "KILL", "job", "--timeout", "5")
+    assert r.returncode == 0, r.stderr
+    r = daemon.ckptctl("--json", "status", "job")
+    assert json.loads(r.stdout)["container"]["exit_signal"] == signal.SIGKILL
+    assert daemon.ckptctl("rm", "job").returncode == 0
+    assert daemon.ckptctl("status", "job").returncode == 3
+
+    r = daemon.ckptctl("checkpoint", cid, "-o", str(tmp_short / "img"))
+    assert r.returncode in (3, 8) and not (tmp_short / "img").exists()
+
+
+def test_logs_and_tty(daemon: Daemon) -> None:
+    r = daemon.ckptctl("run", "--tty", "--", "sh", "-c", "tty; echo hello-from-tty")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.decode().strip()
+    out = wait_for(lambda: b"hello-from-tty" in (o := daemon.ckptctl("logs", cid).stdout) and o,
+                   5, "tty output in the log")
+    assert out.split()[0].startswith(b"/dev/pts/")
+    r = daemon.ckptctl("logs", "-f", cid, timeout=20)
+    assert r.returncode == 0 and b"hello-from-tty" in r.stdout
+
+
+def test_daemon_restart_finds_its_containers(daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "counter"
+    with daemon.client() as c:
+        ctr = c.run(counter_cmd(counter), name="survivor")
+        frozen = c.run(["sleep", "1000"], name="iced")
+    assert progresses(counter)
+    daemon.restart()
+    assert progresses(counter), "the container kept running while the daemon restarted"
+    with daemon.client() as c:
+        found = {x.name: x for x in c.list()}
+        assert found["survivor"].state == pb.CONTAINER_STATE_RUNNING
+        assert found["survivor"].init_pid == ctr.init_pid
+        # A cgroup left frozen by a crash (simulated: frozen behind the daemon's back).
+        cg = Path(found["iced"].cgroup_path)
+        _freeze_directly(cg)
+    daemon.stop()
+    daemon.start()
+    with daemon.client() as c:
+        iced = c.status("iced").container
+        assert iced.state == pb.CONTAINER_STATE_FROZEN
+        assert any("frozen" in n for n in iced.notes), iced.notes
+        c.thaw("iced")
+        assert c.kill("survivor", timeout=5).state == pb.CONTAINER_STATE_EXITED
+        assert c.kill("iced", timeout=5).state == pb.CONTAINER_STATE_EXITED
+    assert pid_gone(frozen.init_pid) or wait_for(lambda: pid_gone(frozen.init_pid), 5, "exit")
+
+
+def _freeze_directly(cg: Path) -> None:
+    if (cg / "cgroup.freeze").exists():
+        (cg / "cgroup.freeze").write_text("1")
+        wait_for(lambda: "frozen 1" in (cg / "cgroup.events").read_text(), 5, "freeze")
+    else:
+        (cg / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (cg / "freezer.state").read_text().strip() == "FROZEN", 5, "freeze")
+
+
+def test_sigterm_stops_daemon_gracefully(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        ctr = c.run(["sleep", "1000"])
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+    assert not pid_gone(ctr.init_pid), "containers outlive the daemon"
+    daemon.start()
+
+
+def test_socket_permissions_and_peer_credentials(daemon_factory, tmp_short: Path) -> None:
+    d = daemon_factory("--socket-group", "nogroup")
+    mode = d.socket.stat()
+    assert stat.S_IMODE(mode.st_mode) == 0o660 and mode.st_uid == 0
+    assert mode.st_gid == 65534  # nogroup
+    with d.client() as c:
+        root_ctr = c.run(["sleep", "1000"], name="roots")
+
+    def as_nobody(*args: str, gid: int = 65534) -> subprocess.CompletedProcess:
+        # This machine's Python lives under /root (0700), so a process that is
+        # nobody from the start could not even load it: load ckptctl as root,
+        # then drop to uid 65534 before it connects (SO_PEERCRED is taken then).
+        return subprocess.run([sys.executable, "-c", AS_NOBODY, str(gid), "--address",
+                               d.address, *args], capture_output=True, timeout=30)
+
+    r = as_nobody("run", "--name", "mine", "--", "sh", "-c", "id -u; id -g; sleep 1000")
+    assert r.returncode == 0, r.stderr
+    mine = r.stdout.decode().strip()
+    out = wait_for(lambda: len((o := d.ckptctl("logs", mine).stdout).split()) >= 2 and o,
+                   5, "id output")
+    assert out.split()[:2] == [b"65534", b"65534"], "a caller's container runs as the caller"
+    r = as_nobody("--json", "ps")
+    assert [x["name"] for x in json.loads(r.stdout)] == ["mine"], "others' containers are hidden"
+    r = as_nobody("kill", root_ctr.id)
+    assert r.returncode == 5 and b"belongs to uid 0" in r.stderr
+    # Not in the socket's group: the kernel refuses the connection.
+    r = as_nobody("ps", gid=65533)
+    assert r.returncode == 6 and b"Traceback" not in r.stderr
+    callers = {e["caller"] for e in rpc_events(d)}
+    assert any(x.startswith("uid=65534 ") for x in callers)
+
+
+AS_NOBODY = """
+import os, sys
+import ckptd_client.cli as cli, ckptd_client.commands, ckptd_client.render
+import grpc._channel, grpc._interceptor, grpc._utilities  # grpc imports these lazily
+gid = int(sys.argv[1])
+os.setgroups([])
+os.setgid(gid)
+os.setuid(65534)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _ckptctl() -> list[str]:
+    import shutil
+    import sys
+    exe = shutil.which("ckptctl")
+    return [exe] if exe else [sys.executable, "-m", "ckptd_client.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mutual_tls(daemon_factory, tmp_short: Path) -> None:
+    from certs import CA
+    from ckptd_client import Client, errors
+    ca, other = CA(tmp_short, "ca"), CA(tmp_short, "other-ca")
+    server = ca.issue("localhost", server=True)
+    good, bad = ca.issue("operator", server=False), other.issue("intruder", server=False)
+    port = _free_port()
+    d = daemon_factory("--listen", f"127.0.0.1:{port}", "--tls-cert", str(server.cert),
+                       "--tls-key", str(server.key), "--tls-client-ca", str(ca.path))
+    addr = f"127.0.0.1:{port}"
+    with Client(addr, tls_cert=str(good.cert), tls_key=str(good.key), tls_ca=str(ca.path)) as c:
+        ctr = c.run(["sleep", "1000"], name="over-tls")
+        assert [x.name for x in c.list()] == ["over-tls"]
+    # A certificate from another CA: the handshake fails.
+    with Client(addr, tls_cert=str(bad.cert), tls_key=str(bad.key), tls_ca=str(ca.path),
+                timeout=5) as c:
+        with pytest.raises(errors.ClientError) as e:
+            c.list()
+        assert e.value.code in ("UNAVAILABLE", "UNAUTHENTICATED")
+    # No certificate at all (the library refuses that itself, so use raw gRPC).
+    import grpc
+    from ckptd.v1 import api_pb2_grpc
+    creds = grpc.ssl_channel_credentials(root_certificates=ca.path.read_bytes())
+    with grpc.secure_channel(addr, creds) as ch:
+        with pytest.raises(grpc.RpcError) as raw:
+            api_pb2_grpc.CkptdStub(ch).List(pb.ListRequest(), timeout=5)
+        assert raw.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+    # Plain TCP is refused by a TLS port.
+    with Client(addr, insecure=True, timeout=5) as c:
+        with pytest.raises(errors.ClientError):
+            c.list()
+    r = subprocess.run([*_ckptctl(), "--address", addr, "--tls-cert", str(good.cert),
+                        "--tls-key", str(good.key), "--tls-ca", str(ca.path), "ps"],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0 and b"over-tls" in r.stdout
+    assert any(e["caller"] == "tls:operator" for e in rpc_events(d))
+    with d.client() as c:
+        c.delete(ctr.id, force=True)
+
+
+def test_tcp_requires_tls_or_loopback_insecure(tmp_short: Path) -> None:
+    from ckptd.server.main import main
+    assert main(["--socket", str(tmp_short / "s"), "--state-dir", str(tmp_short / "st"),
+                 "--listen", "0.0.0.0:7443"]) == 2
+    assert main(["--socket", str(tmp_short / "s"), "--state-dir", str(tmp_short / "st"),
+                 "--listen", "0.0.0.0:7443", "--insecure"]) == 2
+
+
+def test_health_and_reflection(daemon: Daemon) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with daemon.client() as c:
+        assert c.health()
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reply = next(stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+    assert "ckptd.v1.Ckptd" in names and "grpc.health.v1.Health" in names
