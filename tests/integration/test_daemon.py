@@ -360,3 +360,34 @@ def test_health_and_reflection(daemon: Daemon) -> None:
             reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
     assert "ckptd.v1.Ckptd" in names and "grpc.health.v1.Health" in names
+
+
+def test_systemd_readiness_notification(daemon_factory, tmp_short: Path, monkeypatch) -> None:
+    sock_path = tmp_short / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(20)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    try:
+        d = daemon_factory()
+        message = listener.recv(4096).decode()
+        assert "READY=1" in message and f"MAINPID={d.proc.pid}" in message
+        d.stop()
+        assert "STOPPING=1" in listener.recv(4096).decode()
+        d.start()
+        assert "READY=1" in listener.recv(4096).decode()
+    finally:
+        listener.close()
+
+
+def test_two_daemons_side_by_side(daemon_factory) -> None:
+    a, b = daemon_factory(name="a"), daemon_factory(name="b")
+    with a.client() as ca, b.client() as cb:
+        x = ca.run(["sleep", "1000"], name="same-name")
+        y = cb.run(["sleep", "1000"], name="same-name")
+        assert [c.id for c in ca.list()] == [x.id] and [c.id for c in cb.list()] == [y.id]
+        assert Path(x.cgroup_path).parent != Path(y.cgroup_path).parent
+        ca.freeze(x.id)
+        assert cb.status(y.id).container.state == pb.CONTAINER_STATE_RUNNING
+        ca.delete(x.id, force=True)
+        assert cb.status(y.id).container.state == pb.CONTAINER_STATE_RUNNING
