@@ -20,7 +20,7 @@ START_TIMEOUT = 20.0   # seconds; a cold Python start plus recovery takes ~1 s
 STOP_TIMEOUT = 15.0
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+def wait_for(predicate, timeout: float = 5.0, what: str = "a condition", interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 
 from ckptd.kernel.cgroupfs import (
-    FreezerState, Sleeper, read_control, read_ids, remove_dir, timed_out,
+    CgroupDir, FreezerState, Sleeper, read_control, read_ids, timed_out,
     write_control,
 )
 
@@ -25,7 +25,7 @@ _STATES = {"THAWED": FreezerState.THAWED, "FREEZING": FreezerState.FREEZING,
            "FROZEN": FreezerState.FROZEN}
 
 
-class FreezerV1:
+class FreezerV1(CgroupDir):
     name = "cgroup1"
 
     def __init__(self, mount: Path) -> None:
@@ -36,18 +36,6 @@ class FreezerV1:
         return (mount / "freezer.state").exists() or (
             (mount / "tasks").is_file() and os.access(mount, os.W_OK)
             and _has_freezer_controller(mount))
-
-    def create(self, path: Path) -> None:
-        path.mkdir()
-
-    def remove(self, path: Path, timeout: float) -> None:
-        remove_dir(path, timeout)
-
-    def join_file(self, path: Path) -> Path:
-        return path / "cgroup.procs"
-
-    def procs(self, path: Path) -> list[int]:
-        return read_ids(path / "cgroup.procs")
 
     def threads(self, path: Path) -> list[int]:
         return read_ids(path / "tasks")

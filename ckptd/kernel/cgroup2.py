@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 from ckptd.kernel.cgroupfs import (
-    FreezerState, parse_keyed, read_control, read_ids, remove_dir, timed_out,
+    CgroupDir, FreezerState, parse_keyed, read_control, read_ids, timed_out,
     write_control,
 )
 
 RECHECK = 0.05
 
 
-class FreezerV2:
+class FreezerV2(CgroupDir):
     name = "cgroup2"
 
     def __init__(self, mount: Path) -> None:
@@ -32,18 +32,6 @@ class FreezerV2:
         """A cgroup2 mount we may create cgroups in. (Whether the kernel has
         cgroup.freeze shows only in a non-root cgroup: see open_freezer.)"""
         return (mount / "cgroup.controllers").is_file() and os.access(mount, os.W_OK)
-
-    def create(self, path: Path) -> None:
-        path.mkdir()
-
-    def remove(self, path: Path, timeout: float) -> None:
-        remove_dir(path, timeout)
-
-    def join_file(self, path: Path) -> Path:
-        return path / "cgroup.procs"
-
-    def procs(self, path: Path) -> list[int]:
-        return read_ids(path / "cgroup.procs")
 
     def threads(self, path: Path) -> list[int]:
         return read_ids(path / "cgroup.threads")

@@ -127,3 +127,20 @@ def remove_dir(path: Path, timeout: float) -> None:
         except OSError as e:
             if e.errno != errno.EBUSY or not sleeper.pause():
                 raise
+
+
+class CgroupDir:
+    """What both hierarchies do alike with a cgroup directory; the backends
+    add their own freezing, killing and thread listing."""
+
+    def create(self, path: Path) -> None:
+        path.mkdir()
+
+    def remove(self, path: Path, timeout: float) -> None:
+        remove_dir(path, timeout)
+
+    def join_file(self, path: Path) -> Path:
+        return path / "cgroup.procs"
+
+    def procs(self, path: Path) -> list[int]:
+        return read_ids(path / "cgroup.procs")

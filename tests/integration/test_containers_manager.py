@@ -14,11 +14,13 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from harness import wait_for
 
 from ckptd.containers.manager import FOUND_FROZEN_NOTE, ContainerManager
 from ckptd.containers.model import ContainerInfo, Network, RunSpec, State
@@ -34,17 +36,6 @@ pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and cgroups"),
 ]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Daemons:
