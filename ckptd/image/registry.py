@@ -26,6 +26,11 @@ RAW_TYPES: frozenset[int] = frozenset({PAGES})
 _MESSAGES: dict[int, type[Message]] = {
     HEADER: image_pb2.ImageHeader,
     TRAILER: image_pb2.Trailer,
+    image_pb2.RECORD_TYPE_ORIGIN: image_pb2.Origin,
+    image_pb2.RECORD_TYPE_TASK: image_pb2.Task,
+    image_pb2.RECORD_TYPE_MM: image_pb2.Mm,
+    image_pb2.RECORD_TYPE_FILES: image_pb2.Files,
+    image_pb2.RECORD_TYPE_FILE_DATA: image_pb2.FileData,
 }
 
 _PREFIX = "RECORD_TYPE_"

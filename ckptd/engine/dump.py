@@ -1,0 +1,328 @@
+"""Checkpoint orchestration: freeze -> seize -> check -> collect -> write,
+then resume or kill as the caller asks.
+
+``DumpSession`` holds the tree stopped between those steps; leaving it by
+an error always resumes the task untouched (registers and scratch memory put
+back, detached, thawed). Collection of everything except page contents
+happens before the first byte of the image is written, so an unsupported
+resource fails the checkpoint before anything is changed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ckptd.engine import creds, files, identity, memory, rlimits, seccomp, signals, timers
+from ckptd.engine.inject import Tracee
+from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
+from ckptd.image import ImageWriter, new_header
+from ckptd.image.registry import RecordType
+from ckptd.kernel import freezer as freezer_mod
+from ckptd.kernel.cgroupfs import Freezer
+from ckptd.kernel import procfs, proctask, ptrace, sysnr
+from ckptd.v1 import image_pb2
+
+log = structlog.get_logger(__name__)
+
+V1_MOUNT = Path("/sys/fs/cgroup/freezer")
+V2_MOUNT = Path("/sys/fs/cgroup/unified")
+FREEZE_TIMEOUT = 5.0          # seconds; a cgroup that does not freeze by then is stuck
+# Scratch bytes below the red zone for the results of injected calls: the
+# largest is a 32-byte sigaction; a little room for alignment.
+SCRATCH = 256
+RED_ZONE = 128
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Dumped:
+    bytes: int
+    pages: int
+    frozen_ms: float
+    dump_ms: float
+
+
+class DumpInjector:
+    """Syscalls injected into the task being dumped, by single-stepping a
+    ``syscall`` in its vdso, with scratch memory under its red zone."""
+
+    def __init__(self, tracee: Tracee, regs: ptrace.Regs, vmas: list[proctask.SmapsVma]) -> None:
+        self.tracee = tracee
+        self.regs = regs
+        self.gadget = _find_gadget(tracee, vmas)
+        self.scratch = (regs.rsp - RED_ZONE - SCRATCH) & ~0xF
+        if not any(v.start <= self.scratch and self.scratch + SCRATCH <= v.end
+                   and v.perms[1] == "w" for v in vmas):
+            raise UnsupportedError(f"pid {tracee.pid}: no writable stack below rsp "
+                                   f"{regs.rsp:#x} to inject through", pid=tracee.pid,
+                                   kind="stack")
+        self._saved = tracee.read(self.scratch, SCRATCH)
+
+    def call(self, nr: int, *args: int) -> int:
+        ret = self.tracee.syscall(self.gadget, nr, *args, base=self.regs)
+        if -4096 < ret < 0:
+            raise OSError(-ret, f"injected syscall {nr} failed: {os.strerror(-ret)}",
+                          self.tracee.pid)
+        return ret
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.tracee.read(addr, size)
+
+    def restore(self) -> None:
+        self.tracee.write(self.scratch, self._saved)
+        ptrace.set_regs(self.tracee.pid, self.regs)
+
+
+def _find_gadget(tracee: Tracee, vmas: list[proctask.SmapsVma]) -> int:
+    for v in vmas:
+        if v.path == "[vdso]":
+            code = tracee.read(v.start, v.end - v.start)
+            at = code.find(b"\x0f\x05")
+            if at >= 0:
+                return v.start + at
+    raise UnsupportedError(f"pid {tracee.pid} has no vdso to inject syscalls through",
+                           pid=tracee.pid, kind="no vdso")
+
+
+class DumpSession:
+    """One checkpoint of one process: ``start``, ``collect``, ``write``, ``finish``."""
+
+    def __init__(self, pid: int, *, cgroup: str | None = None,
+                 freezer: str | None = None) -> None:
+        self.pid = pid
+        self.cgroup = Path(cgroup) if cgroup else Path()
+        self.freezer: Freezer | None = (
+            freezer_mod.make_freezer(freezer or "cgroup2", V1_MOUNT, V2_MOUNT)
+            if cgroup else None)
+        self.seized = False
+        self.frozen_at = 0.0
+        self.tracee: Tracee | None = None
+        self.injector: DumpInjector | None = None
+        self.own_affinity = os.sched_getaffinity(0)
+        self.held_signals: list[int] = []
+        self.collected: dict[str, Any] = {}
+
+    # -- stopping --
+    def start(self) -> None:
+        try:
+            stat = procfs.read_stat(self.pid)
+        except ProcessLookupError:
+            raise NotFoundError(f"no process with pid {self.pid}", pid=self.pid) from None
+        if stat.is_zombie:
+            raise StateError(f"pid {self.pid} is a zombie", pid=self.pid)
+        self.frozen_at = time.monotonic()
+        if self.freezer is not None:
+            try:
+                self.freezer.freeze(self.cgroup, FREEZE_TIMEOUT)
+            except OSError as e:
+                raise SystemError_(f"cannot freeze {self.cgroup}: {e}") from e
+        _pin_next_to(self.pid)
+        try:
+            ptrace.seize(self.pid, 0)
+            self.seized = True
+            ptrace.interrupt(self.pid)
+        except OSError as e:
+            raise SystemError_(f"cannot seize pid {self.pid}: {e.strerror}",
+                               pid=self.pid) from e
+        if self.freezer is not None:
+            # The interrupt trap is taken once the task runs again; it stays
+            # stopped under ptrace, which the freezer counts as frozen.
+            self.freezer.thaw(self.cgroup, FREEZE_TIMEOUT)
+        self._wait_interrupted()
+        self.tracee = Tracee(self.pid)
+
+    def _wait_interrupted(self) -> None:
+        while True:
+            stop = ptrace.wait_stop(self.pid)
+            if stop.exited:
+                self.seized = False
+                raise NotFoundError(f"pid {self.pid} exited while being seized", pid=self.pid)
+            if stop.event == ptrace.PTRACE_EVENT_STOP:
+                return
+            # A signal arrived first: let it be delivered, the trap follows.
+            ptrace.cont(self.pid, stop.sig)
+
+    # -- collecting --
+    def collect(self, source: dict[str, Any] | None = None) -> None:
+        """Everything but page contents; UnsupportedError before any change."""
+        pid = self.pid
+        assert self.tracee is not None
+        threads = proctask.list_threads(pid)
+        if len(threads) > 1:
+            raise UnsupportedError(f"pid {pid} has {len(threads)} threads; only single-"
+                                   "threaded processes can be checkpointed yet", pid=pid,
+                                   kind="threads")
+        children = proctask.read_children(pid)
+        if children:
+            raise UnsupportedError(f"pid {pid} has child processes {children}; process "
+                                   "trees cannot be checkpointed yet", pid=pid, kind="children")
+        if self.freezer is not None:
+            others = sorted(set(self.freezer.procs(self.cgroup)) - {pid})
+            if others:
+                raise UnsupportedError(f"cgroup {self.cgroup} holds other processes {others}",
+                                       pid=pid, kind="children")
+        fds, file_data = files.dump_files(pid)
+        vmas = proctask.read_smaps(pid)
+        regs = ptrace.get_regs(pid)
+        self.injector = inj = DumpInjector(self.tracee, regs, vmas)
+        try:
+            brk = inj.call(sysnr.BRK, 0)
+            mm, spans = memory.dump_mm(pid, brk)
+            filters, filter_flags = seccomp.dump_seccomp(pid)
+            thread = image_pb2.Thread(tid=_ns_pid(pid), regs=regs.pack(),
+                                      xstate=ptrace.get_xstate(pid),
+                                      sigmask=ptrace.get_sigmask(pid),
+                                      pending=signals.dump_pending(pid, shared=False),
+                                      sigaltstack=signals.dump_altstack(inj),
+                                      seccomp_filters=filters, seccomp_flags=filter_flags,
+                                      creds=creds.dump_creds(pid, inj),
+                                      cpu_affinity=sum(1 << c for c in
+                                                       os.sched_getaffinity(pid) if c < 64))
+            identity.dump_thread_attrs(pid, inj, thread)
+            task = image_pb2.Task(pid=_ns_pid(pid), host_pid=pid, threads=[thread],
+                                  sigactions=signals.dump_sigactions(inj),
+                                  shared_pending=signals.dump_pending(pid, shared=True),
+                                  itimers=timers.dump_itimers(inj),
+                                  posix_timers=timers.dump_posix_timers(inj, pid),
+                                  rlimits=rlimits.dump_rlimits(pid))
+            identity.dump_task_attrs(pid, inj, task)
+        finally:
+            inj.restore()
+        origin = _origin(pid, source or {"kind": "host"}, mm)
+        self.collected = dict(origin=origin, task=task, mm=mm, files=fds,
+                              file_data=file_data, spans=spans)
+
+    # -- writing --
+    def write(self, sink, progress: Progress | None = None) -> Dumped:
+        c = self.collected
+        started = time.monotonic()
+        page_total = memory.page_bytes(c["spans"])
+        writer = ImageWriter(sink)
+        origin: image_pb2.Origin = c["origin"]
+        header = new_header(container_id=origin.container_id,
+                            container_name=origin.container_name, pid=self.pid)
+        writer.write_header(header)
+        writer.write_message(RecordType.RECORD_TYPE_ORIGIN, origin)
+        writer.write_message(RecordType.RECORD_TYPE_TASK, c["task"])
+        writer.write_message(RecordType.RECORD_TYPE_MM, c["mm"])
+        writer.write_message(RecordType.RECORD_TYPE_FILES, c["files"])
+        for d in c["file_data"]:
+            writer.write_message(RecordType.RECORD_TYPE_FILE_DATA, d)
+        meta = writer.bytes_written
+        total = meta + page_total
+        if progress:
+            progress("memory", meta, total)
+        last = [0.0]
+
+        def page_progress(done: int) -> None:
+            now = time.monotonic()
+            if progress and now - last[0] > 0.1:
+                last[0] = now
+                progress("memory", meta + done, total)
+
+        memory.write_pages(self.pid, c["spans"], writer, page_progress)
+        writer.close()
+        dumped = Dumped(bytes=writer.bytes_written, pages=page_total // memory.PAGE,
+                        frozen_ms=(time.monotonic() - self.frozen_at) * 1000,
+                        dump_ms=(time.monotonic() - started) * 1000)
+        log.info("task_dumped", pid=self.pid, bytes=dumped.bytes, pages=dumped.pages,
+                 dump_ms=round(dumped.dump_ms, 1))
+        return dumped
+
+    # -- letting go --
+    def finish(self, kill: bool = False) -> float:
+        """Resume (detach while frozen, then thaw) or kill; frozen ms."""
+        try:
+            if kill:
+                self._kill()
+            else:
+                self._resume()
+        finally:
+            if self.tracee is not None:
+                self.tracee.close()
+            os.sched_setaffinity(0, self.own_affinity)
+        return (time.monotonic() - self.frozen_at) * 1000
+
+    def _resume(self) -> None:
+        fz, cg = self.freezer, self.cgroup
+        if not self.seized:
+            if fz is not None and self.frozen_at:
+                _quiet(lambda: fz.thaw(cg, FREEZE_TIMEOUT))
+            return
+        if fz is not None:
+            _quiet(lambda: fz.freeze(cg, FREEZE_TIMEOUT))
+        try:
+            ptrace.detach(self.pid, 0)
+        except ProcessLookupError:
+            pass    # it died meanwhile (SIGKILL from someone): nothing to resume
+        self.seized = False
+        if fz is not None:
+            _quiet(lambda: fz.thaw(cg, FREEZE_TIMEOUT))
+        log.info("task_resumed", pid=self.pid)
+
+    def _kill(self) -> None:
+        if self.freezer is not None:
+            self.freezer.kill_all(self.cgroup)
+        else:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass   # already gone: the goal
+        if self.seized:
+            # Collect the tracee's exit so the kernel can hand it to its parent.
+            try:
+                while not ptrace.wait_stop(self.pid).exited:
+                    _quiet(lambda: ptrace.cont(self.pid, 0))
+            except ChildProcessError:
+                pass   # already reaped
+            self.seized = False
+        log.info("task_killed", pid=self.pid)
+
+
+def _quiet(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except (OSError, CkptdError) as e:
+        log.warning("cleanup_step_failed", error=str(e))
+
+
+def _pin_next_to(pid: int) -> None:
+    """Run on the CPU the task last ran on: ptrace round trips across CPUs
+    cost ~10x more (MACHINE.md)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            cpu = int(f.read().rsplit(")", 1)[1].split()[36])
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, ValueError, IndexError):
+        pass   # pinning is an optimisation only
+
+
+def _ns_pid(pid: int) -> int:
+    return int(procfs.read_status(pid).get("NSpid", str(pid)).split()[-1])
+
+
+def _origin(pid: int, source: dict[str, Any], mm: image_pb2.Mm) -> image_pb2.Origin:
+    kind = source.get("kind") or "host"
+    hostname = source.get("hostname") or (os.uname().nodename if kind == "host" else "")
+    try:
+        with open("/proc/sys/kernel/domainname") as f:
+            domain = f.read().strip()
+    except OSError:
+        domain = ""
+    return image_pb2.Origin(kind=kind, container_id=source.get("container_id") or "",
+                            container_name=source.get("container_name") or "",
+                            hostname=hostname, domainname=domain,
+                            network=source.get("network") or ("host" if kind == "host" else ""),
+                            log_path=source.get("log_path") or "",
+                            root_pid=pid, root_ns_pid=_ns_pid(pid), pids=[_ns_pid(pid)],
+                            vdso_fingerprint=memory.vdso_fingerprint(pid) if mm.vdso_start
+                            else "")

@@ -1,0 +1,87 @@
+"""Per-task attributes set by prctl and friends: comm, personality, umask,
+nice and scheduler, timer slack, dumpable, pdeathsig, child subreaper, no_new_privs,
+rseq and the robust futex list."""
+
+from __future__ import annotations
+
+import struct
+
+from ckptd.kernel import procfs, ptrace, sysnr
+from ckptd.v1 import image_pb2
+
+PRIO_PROCESS = 0
+
+
+def dump_task_attrs(pid: int, inj, task: image_pb2.Task) -> None:
+    st = procfs.read_status(pid)
+    ns_pid = st.get("NSpid", str(pid)).split()[-1]
+    task.session_leader = st.get("NSsid", "").split()[-1:] == [ns_pid]
+    task.group_leader = st.get("NSpgid", "").split()[-1:] == [ns_pid]
+    task.umask = int(st.get("Umask", "0022"), 8)
+    task.personality = inj.call(sysnr.PERSONALITY, 0xFFFFFFFF) & 0xFFFFFFFF
+    task.dumpable = inj.call(sysnr.PRCTL, sysnr.PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+    inj.call(sysnr.PRCTL, sysnr.PR_GET_PDEATHSIG, inj.scratch, 0, 0, 0)
+    task.pdeathsig = struct.unpack("<i", inj.read(inj.scratch, 4))[0]
+    inj.call(sysnr.PRCTL, sysnr.PR_GET_CHILD_SUBREAPER, inj.scratch, 0, 0, 0)
+    task.child_subreaper = struct.unpack("<i", inj.read(inj.scratch, 4))[0] != 0
+
+
+def dump_thread_attrs(pid: int, inj, th: image_pb2.Thread) -> None:
+    st = procfs.read_status(pid)
+    th.no_new_privs = st.get("NoNewPrivs", "0") == "1"
+    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+        th.comm = f.read().rstrip("\n")
+    th.nice = 20 - inj.call(sysnr.GETPRIORITY, PRIO_PROCESS, 0)
+    th.sched_policy = inj.call(sysnr.SCHED_GETSCHEDULER, 0)
+    inj.call(sysnr.SCHED_GETPARAM, 0, inj.scratch)
+    th.sched_priority = struct.unpack("<i", inj.read(inj.scratch, 4))[0]
+    th.timer_slack = inj.call(sysnr.PRCTL, sysnr.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    rseq = ptrace.get_rseq(pid)
+    th.rseq_ptr, th.rseq_len, th.rseq_sig = rseq.ptr, rseq.size, rseq.sig
+    inj.call(sysnr.GET_ROBUST_LIST, 0, inj.scratch, inj.scratch + 8)
+    th.robust_list, th.robust_list_len = struct.unpack("<QQ", inj.read(inj.scratch, 16))
+
+
+def restore_session(batch, task: image_pb2.Task, pid: int) -> None:
+    """Leadership of its own session or process group, which a single task
+    can take back; membership of others' groups comes with process trees."""
+    stat = procfs.read_stat(pid)
+    if task.session_leader and stat.session != pid:
+        batch.call(sysnr.SETSID, what="setsid")
+    elif task.group_leader and stat.pgrp != pid:
+        batch.call(sysnr.SETPGID, 0, 0, what="setpgid")
+
+
+def restore_task_attrs(batch, task: image_pb2.Task, *, pdeathsig: bool) -> None:
+    batch.call(sysnr.UMASK, task.umask & 0o777, what="umask")
+    batch.call(sysnr.PERSONALITY, task.personality, what="personality")
+    if task.child_subreaper:
+        batch.call(sysnr.PRCTL, sysnr.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, what="subreaper")
+    if task.pdeathsig and pdeathsig:
+        batch.call(sysnr.PRCTL, sysnr.PR_SET_PDEATHSIG, task.pdeathsig, 0, 0, 0,
+                   what="pdeathsig")
+
+
+def restore_thread_attrs(batch, th: image_pb2.Thread) -> None:
+    name = th.comm.encode()[:15] + b"\0"
+    batch.call(sysnr.PRCTL, sysnr.PR_SET_NAME, batch.put(name), 0, 0, 0, what="PR_SET_NAME")
+    if th.sched_policy != 0:
+        batch.call(sysnr.SCHED_SETSCHEDULER, 0, th.sched_policy,
+                   batch.put(struct.pack("<i", th.sched_priority)), what="sched_setscheduler")
+    if th.timer_slack:
+        batch.call(sysnr.PRCTL, sysnr.PR_SET_TIMERSLACK, th.timer_slack, 0, 0, 0,
+                   what="timer slack")
+    batch.call(sysnr.SETPRIORITY, PRIO_PROCESS, 0, th.nice, may_fail=True, what="setpriority")
+    if th.robust_list:
+        batch.call(sysnr.SET_ROBUST_LIST, th.robust_list, th.robust_list_len,
+                   what="set_robust_list")
+    if th.rseq_ptr:
+        batch.call(sysnr.RSEQ, th.rseq_ptr, th.rseq_len, 0, th.rseq_sig, what="rseq")
+
+
+def restore_late_attrs(batch, task: image_pb2.Task, th: image_pb2.Thread) -> None:
+    """After credentials (setresuid resets dumpable)."""
+    batch.call(sysnr.PRCTL, sysnr.PR_SET_DUMPABLE, 1 if task.dumpable else 0, 0, 0, 0,
+               what="dumpable")
+    if th.no_new_privs:
+        batch.call(sysnr.PRCTL, sysnr.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="no_new_privs")

@@ -1,0 +1,436 @@
+"""Restore orchestration: read and validate -> create the stub -> lay out ->
+fill pages -> finish the task -> registers -> detach.
+
+The order is the one ENGINE-NOTES.md established: a freestanding stub with
+the original pid, held under ptrace (EXITKILL), gets a trampoline with the
+batch runner, loses its own mappings, gets the image's vdso placement, fds
+and VMAs in one batch, its pages through /proc/PID/mem, then one batch for
+the mm fields, signals, timers, limits, identity, credentials and seccomp
+(last), and finally its registers. Any failure kills what was built.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ckptd import native
+from ckptd.engine import creds, files, identity, memory, regs, rlimits, seccomp, signals, timers
+from ckptd.engine.inject import TRAMPOLINE_SIZE, DATA_AT, Batch, Tracee
+from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
+from ckptd.image import ImageReader, MessageRecord, PageRecord
+from ckptd.image.registry import RecordType
+from ckptd.kernel import procfs, proctask, ptrace, sysnr, task as task_mod
+from ckptd.v1 import image_pb2
+
+log = structlog.get_logger(__name__)
+
+PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
+# How long to wait for the dumped process's pid to disappear (PID 1 here
+# reaps orphans only about once a second, MACHINE.md).
+PID_FREE_TIMEOUT = 5.0
+TRAMPOLINE_SEARCH_FROM = 1 << 20
+TRAMPOLINE_ALIGN = 1 << 20
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Restored:
+    pid: int            # host pid
+    ns_pid: int
+    restore_ms: float
+
+
+@dataclass
+class Metadata:
+    origin: image_pb2.Origin
+    task: image_pb2.Task
+    mm: image_pb2.Mm
+    files: image_pb2.Files
+    file_data: dict[int, bytes]
+
+
+def read_metadata(reader: ImageReader) -> tuple[Metadata, Iterator, PageRecord | None]:
+    """Header and metadata records, validated; the record iterator and the
+    first page record (or None if the image had none and is fully verified)."""
+    header = reader.read_header()
+    if header.arch != os.uname().machine or header.page_size != memory.PAGE:
+        raise ImageError(f"image is for {header.arch} with {header.page_size}-byte pages; "
+                         f"this machine is {os.uname().machine}/{memory.PAGE}", record="HEADER")
+    found: dict[int, Any] = {}
+    data: dict[int, bytes] = {}
+    records = iter(reader)
+    first_page: PageRecord | None = None
+    for rec in records:
+        if isinstance(rec, PageRecord):
+            first_page = rec
+            break
+        assert isinstance(rec, MessageRecord)
+        if rec.type == RecordType.RECORD_TYPE_FILE_DATA:
+            data[rec.message.fd] = rec.message.data
+        elif rec.type in found:
+            raise ImageError(f"a second {rec.name} record", offset=rec.offset, record=rec.name)
+        else:
+            found[rec.type] = rec.message
+    need = {RecordType.RECORD_TYPE_ORIGIN: "ORIGIN", RecordType.RECORD_TYPE_TASK: "TASK",
+            RecordType.RECORD_TYPE_MM: "MM", RecordType.RECORD_TYPE_FILES: "FILES"}
+    for t, name in need.items():
+        if t not in found:
+            raise ImageError(f"no {name} record before the page data", record=name)
+    meta = Metadata(found[RecordType.RECORD_TYPE_ORIGIN], found[RecordType.RECORD_TYPE_TASK],
+                    found[RecordType.RECORD_TYPE_MM], found[RecordType.RECORD_TYPE_FILES], data)
+    validate(meta)
+    return meta, records, first_page
+
+
+def validate(meta: Metadata) -> None:
+    t = meta.task
+    if not 1 <= t.pid < PID_MAX or len(t.threads) != 1:
+        raise ImageError(f"task pid {t.pid} with {len(t.threads)} threads", record="TASK")
+    th = t.threads[0]
+    if len(th.regs) != ptrace.REGS_SIZE or not 576 <= len(th.xstate) <= ptrace.XSTATE_BUFFER:
+        raise ImageError("register sets of the wrong size", record="TASK")
+    signals.check_signals(t)
+    seccomp.check_seccomp(th.seccomp_filters)
+    memory.check_mm(meta.mm)
+    files.check_files(meta.files, meta.file_data)
+    if meta.mm.vdso_start:
+        mine = memory.vdso_fingerprint()
+        if meta.origin.vdso_fingerprint != mine:
+            raise ImageError("the image was taken on a different kernel (vdso "
+                             f"{meta.origin.vdso_fingerprint[:12] or 'unknown'} != "
+                             f"{mine[:12]}): restore needs the same kernel", record="ORIGIN")
+
+
+def need_message(meta: Metadata) -> dict[str, Any]:
+    o = meta.origin
+    return {"source": {"kind": o.kind, "container_id": o.container_id,
+                       "container_name": o.container_name, "hostname": o.hostname,
+                       "network": o.network, "log_path": o.log_path},
+            "pid": meta.task.pid, "hostname": o.hostname, "domainname": o.domainname,
+            "network": o.network}
+
+
+class RestoreSession:
+    """Builds one task from validated metadata; ``abort`` kills what it made."""
+
+    def __init__(self, meta: Metadata, *, target: str = "host") -> None:
+        self.meta = meta
+        self.target = target
+        self.pid = 0
+        self.our_child = False
+        self.tracee: Tracee | None = None
+        self.temp_files: dict[int, str] = {}
+        self.filler: memory.PageFiller | None = None
+        self.own_affinity = os.sched_getaffinity(0)
+        self.started = time.monotonic()
+        self.base: ptrace.Regs | None = None
+        self.table = files.FdTable()
+
+    # -- the stub --
+    def relocate_log(self, new_path: str) -> None:
+        """A container's stdout/stderr log is daemon-owned and per container:
+        fds on the old container's log go to the new container's log, at its end."""
+        old = self.meta.origin.log_path
+        if not old or not new_path or old == new_path:
+            return
+        size = os.stat(new_path).st_size if os.path.exists(new_path) else 0
+        for f in self.meta.files.fds:
+            if f.path == old and not f.deleted and not f.is_dup:
+                f.path = new_path
+                f.pos = size
+                log.debug("log_relocated", fd=f.fd, path=new_path)
+
+    def create_task(self, stub_pid: int | None) -> None:
+        memory.check_files_unchanged(self.meta.mm)
+        files.check_paths(self.meta.files)
+        if stub_pid is None:
+            self.pid = self._spawn_host(self.meta.task.pid)
+            self.our_child = True
+        else:
+            self.pid = stub_pid
+        try:
+            ptrace.seize(self.pid, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD)
+            # A stub that is PID 1 of a new namespace cannot stop itself (init
+            # ignores its own SIGSTOP): it waits in pause() instead. Interrupt
+            # either way; an extra trap later is harmless (resumed through).
+            ptrace.interrupt(self.pid)
+        except OSError as e:
+            raise SystemError_(f"cannot seize the stub {self.pid}: {e.strerror}",
+                               pid=self.pid) from e
+        while True:
+            stop = ptrace.wait_stop(self.pid)
+            if stop.exited:
+                raise SystemError_(f"the stub {self.pid} {stop.describe()}", pid=self.pid)
+            if stop.event == ptrace.PTRACE_EVENT_STOP:
+                break
+            ptrace.cont(self.pid, stop.sig)
+        # The stub stopped itself with SIGSTOP: without a SIGCONT its group
+        # stop would take over again at detach. Sent now, while its SIGCONT
+        # action is the default and nothing is blocked, it is discarded.
+        os.kill(self.pid, signal.SIGCONT)
+        cpu = _cpu_of(self.pid)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+            os.sched_setaffinity(self.pid, {cpu})
+        ptrace.set_sigmask(self.pid, (1 << 64) - 1)   # nothing delivered while we work
+        self.tracee = Tracee(self.pid)
+        self.base = ptrace.get_regs(self.pid)
+
+    def _spawn_host(self, pid: int) -> int:
+        deadline = time.monotonic() + PID_FREE_TIMEOUT
+        while True:
+            try:
+                zombie = procfs.read_stat(pid).is_zombie
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            # A zombie is on its way out (PID 1 reaps slowly); a live one is not.
+            if not zombie or time.monotonic() > deadline:
+                raise StateError(f"pid {pid} is taken by a running process: cannot restore "
+                                 "with the original pid", pid=pid)
+            time.sleep(0.005)
+        try:
+            child = task_mod.spawn_with_pid(pid, str(native.binary(native.STUB)),
+                                            [native.STUB])
+        except OSError as e:
+            raise StateError(f"cannot create a process with pid {pid}: {e.strerror}",
+                             pid=pid) from e
+        _, status = os.waitpid(child, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            raise SystemError_(f"the stub {child} did not stop (status {status:#x})", pid=child)
+        return child
+
+    # -- the address space --
+    def build(self) -> None:
+        assert self.tracee is not None and self.base is not None
+        mm = self.meta.mm
+        stub_vmas = proctask.parse_smaps(open(f"/proc/{self.pid}/maps").read())
+        code, runner_off = native.stub_blob()
+        gadget = self._stub_gadget(stub_vmas)
+        tramp = _free_range(stub_vmas, mm)
+        got = self.tracee.syscall(gadget, sysnr.MMAP, tramp, TRAMPOLINE_SIZE, 7,
+                                  sysnr.MAP_PRIVATE | sysnr.MAP_ANONYMOUS
+                                  | sysnr.MAP_FIXED_NOREPLACE, -1, 0, base=self.base)
+        if got != tramp:
+            raise SystemError_(f"cannot map the trampoline at {tramp:#x}: result {got}",
+                               pid=self.pid)
+        self.tracee.install_trampoline(tramp, code, runner_off)
+        self.temp_files = files.prepare_deleted(self.meta.files, self.meta.file_data)
+
+        b = Batch(tramp + DATA_AT)
+        b.call(sysnr.CLOSE_RANGE, 0, 0xFFFFFFFF, 0, what="close the stub's fds")
+        vdso_group = [v for v in stub_vmas if v.path in memory.VDSO_NAMES]
+        keep_vdso = bool(vdso_group) and mm.vvar_start == vdso_group[0].start
+        for v in stub_vmas:
+            if v.start >= memory.TASK_SIZE or v.start == tramp:
+                continue
+            if v.path in memory.VDSO_NAMES and keep_vdso:
+                continue
+            b.call(sysnr.MUNMAP, v.start, v.end - v.start, what=f"unmap stub {v.path}")
+        if mm.vvar_start and not keep_vdso:
+            b.call(sysnr.ARCH_PRCTL, sysnr.ARCH_MAP_VDSO_64, mm.vvar_start,
+                   what=f"map the vdso at {mm.vvar_start:#x}")
+        table = self.table
+        files.restore_files(b, self.meta.files, table, self.temp_files)
+        map_fds: list[int] = []
+
+        def open_file(path: str, flags: int) -> int:
+            fd = table.open(b, b.cstr(path), flags | os.O_CLOEXEC, f"open {path} to map it")
+            map_fds.append(fd)
+            return fd
+
+        memory.map_vmas(b, mm, open_file)
+        for fd in map_fds:
+            table.close(b, fd)
+        self.tracee.run_batch(b, self.base)
+        files.unlink_all(self.temp_files)
+        self.filler = memory.PageFiller(self.tracee.memfd, self.pid, mm)
+        log.debug("layout_restored", pid=self.pid, vmas=len(mm.vmas),
+                  fds=len(self.meta.files.fds))
+
+    def _stub_gadget(self, vmas: list[proctask.SmapsVma]) -> int:
+        # By inode: in a container the path may read differently.
+        ino = os.stat(native.binary(native.STUB)).st_ino
+        starts = [v.start for v in vmas if v.inode == ino and v.offset == 0]
+        if not starts:
+            raise SystemError_(f"pid {self.pid} is not running the ckptd stub", pid=self.pid)
+        sym, _ = native.symbols(native.binary(native.STUB))["ckptd_blob"]
+        gadget = starts[0] + sym
+        assert self.tracee is not None
+        if self.tracee.read(gadget, 3) != b"\x0f\x05\xcc":
+            raise BugError(f"no syscall gadget at {gadget:#x} in the stub")
+        return gadget
+
+    # -- pages --
+    def fill(self, rec: PageRecord) -> None:
+        assert self.filler is not None
+        self.filler.fill(rec)
+
+    # -- the rest --
+    def finish(self) -> Restored:
+        assert self.tracee is not None and self.base is not None
+        meta, task, th = self.meta, self.meta.task, self.meta.task.threads[0]
+        b = Batch(self.tracee.tramp + DATA_AT)
+        table = self.table
+        exe_fd = table.open(b, b.cstr(meta.mm.exe), os.O_RDONLY | os.O_CLOEXEC,
+                            f"open the executable {meta.mm.exe}")
+        auxv = b.put(meta.mm.auxv, 8)
+        mm_map = b.put(memory.mm_map_struct(meta.mm, auxv, exe_fd), 8)
+        b.call(sysnr.PRCTL, sysnr.PR_SET_MM, sysnr.PR_SET_MM_MAP, mm_map, 104, 0,
+               what="PR_SET_MM_MAP")
+        table.close(b, exe_fd)
+        files.restore_fs(b, meta.files)
+        signals.restore_sigactions(b, task)
+        signals.restore_altstack(b, th.sigaltstack)
+        timers.restore_itimers(b, task)
+        timers.restore_posix_timers(b, task, self.pid)
+        rlimits.restore_rlimits(b, task, proctask.read_limits(self.pid))
+        identity.restore_session(b, task, self.pid)
+        identity.restore_task_attrs(b, task, pdeathsig=not self.our_child)
+        identity.restore_thread_attrs(b, th)
+        signals.restore_pending(b, task, self.pid, self.pid)
+        cur_bnd = int(procfs.read_status(self.pid)["CapBnd"], 16)
+        creds.restore_creds(b, th.creds, cur_bnd)
+        identity.restore_late_attrs(b, task, th)
+        seccomp.restore_seccomp(b, th.seccomp_filters, th.seccomp_flags)
+        self.tracee.run_batch(b, self.base)
+        self._unmap_trampoline()
+        ptrace.set_regs(self.pid, regs.restart_fixup(ptrace.Regs.unpack(th.regs)))
+        ptrace.set_xstate(self.pid, regs.settable_xstate(th.xstate))
+        ptrace.set_sigmask(self.pid, th.sigmask)
+        cpus = {c for c in range(64) if th.cpu_affinity >> c & 1} or self.own_affinity
+        try:
+            os.sched_setaffinity(self.pid, cpus)
+        except OSError:
+            os.sched_setaffinity(self.pid, self.own_affinity)
+        ns_pid = _ns_pid(self.pid)
+        ptrace.detach(self.pid, 0)
+        for sig in self.tracee.held_signals:
+            os.kill(self.pid, sig)
+        self.tracee.close()
+        os.sched_setaffinity(0, self.own_affinity)
+        done = Restored(pid=self.pid, ns_pid=ns_pid,
+                        restore_ms=(time.monotonic() - self.started) * 1000)
+        log.info("task_restored", pid=self.pid, restore_ms=round(done.restore_ms, 1))
+        return done
+
+    def _unmap_trampoline(self) -> None:
+        """munmap the trampoline under PTRACE_SYSCALL: the task stops at the
+        syscall's exit and never returns into the page it just unmapped."""
+        assert self.tracee is not None and self.base is not None
+        tramp = self.tracee.tramp
+        ptrace.set_regs(self.pid, self.base.with_(rip=tramp, rax=sysnr.MUNMAP, orig_rax=-1,
+                                                  rdi=tramp, rsi=TRAMPOLINE_SIZE))
+        stops = 0
+        while stops < 2:
+            ptrace.syscall(self.pid)
+            stop = ptrace.wait_stop(self.pid)
+            if stop.exited:
+                raise SystemError_(f"the task {stop.describe()} unmapping the trampoline",
+                                   pid=self.pid)
+            if stop.sig == (signal.SIGTRAP | 0x80):
+                stops += 1
+            elif stop.event == 0 and stop.sig:
+                self.tracee.held_signals.append(stop.sig)
+        result = ptrace.get_regs(self.pid).syscall_result
+        if result != 0:
+            raise SystemError_(f"munmap of the trampoline failed: {result}", pid=self.pid)
+
+    def abort(self) -> None:
+        """Kill whatever was built; never raises."""
+        files.unlink_all(self.temp_files)
+        if self.tracee is not None:
+            self.tracee.close()
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass   # already gone
+            try:
+                while True:
+                    _, status = os.waitpid(self.pid, 0x40000000)   # __WALL
+                    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                        if not self.our_child:
+                            break
+                        continue
+            except ChildProcessError:
+                pass   # reaped (ours) or no longer traced (theirs)
+            log.info("restore_aborted", pid=self.pid)
+        try:
+            os.sched_setaffinity(0, self.own_affinity)
+        except OSError:
+            pass   # best effort
+
+
+def restore(reader: ImageReader, *, target: str = "host",
+            stub: Callable[[dict[str, Any]], int | dict[str, Any] | None] | None = None,
+            progress: Progress | None = None) -> Restored:
+    """Read ``reader``, build the task, return once it runs. ``stub(need)``
+    answers the need message: None (host: we create the task), a stub pid, or
+    the daemon's ``{"pid": ..., "log_path": ...}`` (container)."""
+    started = time.monotonic()
+    meta, records, first = read_metadata(reader)
+    need = need_message(meta)
+    answer = stub(need) if stub is not None else None
+    stub_pid, log_path = (answer.get("pid"), answer.get("log_path") or "") \
+        if isinstance(answer, dict) else (answer, "")
+    session = RestoreSession(meta, target=target)
+    session.started = started
+    try:
+        session.relocate_log(log_path)
+        session.create_task(stub_pid)
+        session.build()
+        done = 0
+        last = 0.0
+        if first is not None:
+            session.fill(first)
+            for rec in records:
+                if not isinstance(rec, PageRecord):
+                    raise ImageError(f"metadata record {rec.name} after page data",
+                                     offset=rec.offset, record=rec.name)
+                session.fill(rec)
+                done += rec.data.nbytes
+                now = time.monotonic()
+                if progress and now - last > 0.1:
+                    last = now
+                    progress("memory", reader.offset, 0)
+        return session.finish()
+    except BaseException:
+        session.abort()
+        raise
+
+
+def _free_range(stub_vmas: list[proctask.SmapsVma], mm: image_pb2.Mm) -> int:
+    busy = sorted([(v.start, v.end) for v in stub_vmas if v.start < memory.TASK_SIZE]
+                  + [(v.start, v.end) for v in mm.vmas]
+                  + ([(mm.vvar_start, mm.vvar_start + mm.vdso_size)] if mm.vvar_start else []))
+    addr = TRAMPOLINE_SEARCH_FROM
+    for start, end in busy:
+        if addr + TRAMPOLINE_SIZE <= start:
+            return addr
+        if end > addr:
+            addr = -(-end // TRAMPOLINE_ALIGN) * TRAMPOLINE_ALIGN
+    if addr + TRAMPOLINE_SIZE <= memory.TASK_SIZE:
+        return addr
+    raise UnsupportedError("no room for the restore trampoline in the address space")
+
+
+def _cpu_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ns_pid(pid: int) -> int:
+    return int(procfs.read_status(pid).get("NSpid", str(pid)).split()[-1])
+
+

@@ -1,0 +1,169 @@
+"""``python -m ckptd.engine.worker``: one engine operation in its own process.
+
+The daemon talks to it over a unix socket (fd $CKPTD_CONTROL_FD, default 3)
+with newline-delimited JSON; image bytes go out on stdout (checkpoint) or
+come in on stdin (restore). The protocol is described in
+``ckptd/containers/worker.py`` (the daemon's side) and below, step by step.
+Every failure is one ``{"error": {kind, message, context}}`` line and exit 1,
+after resuming (checkpoint) or killing what was built (restore).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import structlog
+
+from ckptd import errors, logs
+from ckptd.engine import api
+
+log = structlog.get_logger(__name__)
+
+CONTROL_FD_ENV = "CKPTD_CONTROL_FD"
+DEFAULT_CONTROL_FD = 3
+# stdout is a pipe to the daemon: writes of this size keep syscalls few
+# without holding much of the image in the worker.
+OUT_BUFFER = 1 << 20
+# A 64 KiB default pipe means a context switch per 64 KiB of image; 1 MiB
+# (the default pipe-max-size for unprivileged callers, and the daemon's read
+# size) lets each side move a whole chunk per wake-up.
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass   # not a pipe (a file in tests), or over the limit: only slower
+
+
+class Control:
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall((json.dumps(message) + "\n").encode())
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next message; None once the daemon closed the socket."""
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+
+def error_report(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, errors.ImageError):
+        kind = "image"
+    elif isinstance(e, errors.UsageError):
+        kind = "usage"
+    elif isinstance(e, errors.UnsupportedError):
+        kind = "unsupported"
+    elif isinstance(e, errors.StateError):
+        kind = "state"
+    elif isinstance(e, errors.NotFoundError):
+        kind = "notfound"
+    else:
+        kind = "system"
+    message = e.message if isinstance(e, errors.CkptdError) else f"{type(e).__name__}: {e}"
+    ctx = {k: (v if isinstance(v, (int, str, float, bool)) else str(v))
+           for k, v in getattr(e, "context", {}).items()}
+    return {"kind": kind, "message": message, "context": ctx}
+
+
+def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:
+    _grow_pipe(1)
+    out = os.fdopen(os.dup(1), "wb", buffering=OUT_BUFFER)
+    os.close(1)   # only `out` holds the pipe now: closing it ends the image
+
+    def progress(phase: str, done: int, total: int) -> None:
+        ctl.send({"progress": {"phase": phase, "bytes_done": done, "bytes_total": total}})
+
+    pid = req.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        raise errors.UsageError(f"bad pid {pid!r}")
+    with api.checkpointed(pid, out, cgroup=req.get("cgroup"), freezer=req.get("freezer"),
+                          source=req.get("source"), progress=progress) as cp:
+        out.close()
+        d = cp.dumped
+        ctl.send({"dumped": {"bytes": d.bytes, "pages": d.pages,
+                             "frozen_ms": round(d.frozen_ms, 2), "dump_ms": round(d.dump_ms, 2)}})
+        try:
+            message = ctl.receive()
+        except (OSError, ValueError):
+            message = None   # the daemon is gone: resume (never leave it stopped)
+        kill = message is not None and message.get("finish") == "kill"
+        frozen_ms = cp.finish(kill=kill)
+        if message is not None:
+            ctl.send({"finished": {"frozen_ms": round(frozen_ms, 2)}})
+
+
+def run_restore(ctl: Control, req: dict[str, Any]) -> None:
+    target = req.get("target", "host")
+    if target not in ("host", "container"):
+        raise errors.UsageError(f"bad restore target {target!r}")
+    _grow_pipe(0)
+    stdin = os.fdopen(os.dup(0), "rb", buffering=OUT_BUFFER)
+
+    def stub(need: dict[str, Any]) -> dict[str, Any] | None:
+        ctl.send({"need": need})
+        answer = ctl.receive()
+        if answer is None:
+            raise errors.SystemError_("the daemon went away before answering what we need")
+        if "stub" not in answer:
+            raise errors.UsageError(f"expected a stub answer, got {sorted(answer)}")
+        s = answer["stub"]
+        if s is None:
+            return None
+        pid = s.get("pid") if isinstance(s, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            raise errors.UsageError(f"bad stub pid {pid!r}")
+        return {"pid": pid, "log_path": str(s.get("log_path") or "")}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        ctl.send({"progress": {"phase": phase, "bytes_done": done, "bytes_total": total}})
+
+    done = api.restore(stdin, target=target, stub=stub, progress=progress)
+    ctl.send({"restored": {"pid": done.pid, "ns_pid": done.ns_pid,
+                           "restore_ms": round(done.restore_ms, 2)}})
+
+
+def main() -> int:
+    logs.configure_from_env()
+    ctl = Control(int(os.environ.get(CONTROL_FD_ENV, DEFAULT_CONTROL_FD)))
+    started = time.monotonic()
+    try:
+        req = ctl.receive()
+        if req is None:
+            return 1
+        op = req.get("op")
+        if op == "checkpoint":
+            run_checkpoint(ctl, req)
+        elif op == "restore":
+            run_restore(ctl, req)
+        else:
+            raise errors.UsageError(f"unknown op {op!r}")
+    except BaseException as e:  # noqa: BLE001 - reported to the daemon, whatever it is
+        log.error("worker_failed", error=str(e), exc_info=not isinstance(e, errors.CkptdError))
+        try:
+            ctl.send({"error": error_report(e)})
+        except OSError:
+            pass   # the daemon is gone; the exit status says it
+        return 1
+    log.debug("worker_done", ms=round((time.monotonic() - started) * 1000, 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Creating a task with a chosen pid (clone3 ``set_tid``) and taking another
+task's fds (``pidfd_getfd``)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import struct
+
+SYS_CLONE3 = 435
+SYS_PIDFD_GETFD = 438
+SYS_KCMP = 312
+KCMP_FILE = 0
+
+_CLONE_ARGS = struct.Struct("<11Q")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def spawn_with_pid(pid: int, path: str, argv: list[str]) -> int:
+    """Fork a child with pid ``pid`` (in the caller's PID namespace) that execs
+    ``path`` at once. EEXIST if the pid is taken."""
+    tids = (ctypes.c_int32 * 1)(pid)
+    args = ctypes.create_string_buffer(_CLONE_ARGS.pack(
+        0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(tids), 1, 0), _CLONE_ARGS.size)
+    path_b = os.fsencode(path)
+    argv_b = [os.fsencode(a) for a in argv]
+    env: dict[str, str] = {}
+    ret = _libc().syscall(ctypes.c_long(SYS_CLONE3), args, ctypes.c_size_t(_CLONE_ARGS.size))
+    if ret == 0:
+        # The child: nothing but exec (it shares no state worth keeping).
+        try:
+            os.execve(path_b, argv_b, env)
+        finally:
+            os._exit(127)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone3 with pid {pid} failed: {os.strerror(err)}", pid)
+    return ret
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    ret = _libc().syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_long(pidfd),
+                          ctypes.c_long(target_fd), ctypes.c_ulong(0))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd of fd {target_fd} failed: {os.strerror(err)}",
+                      target_fd)
+    return ret
+
+
+def same_file(pid: int, fd1: int, fd2: int) -> bool:
+    """Whether two fds of ``pid`` share one open file description (kcmp)."""
+    ret = _libc().syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid), ctypes.c_long(pid),
+                          ctypes.c_long(KCMP_FILE), ctypes.c_ulong(fd1), ctypes.c_ulong(fd2))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"kcmp of fds {fd1} and {fd2} failed: {os.strerror(err)}", pid)
+    return ret == 0
