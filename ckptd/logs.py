@@ -1,14 +1,18 @@
-"""Structured logging for the daemon: one event per line.
+"""Structured logging for the daemon and its workers: one event per line.
 
 JSON lines when stdout is not a terminal (systemd's journal, files, pipes),
 coloured console lines on a terminal. Per-request context (operation id,
 method, caller, container) is bound with contextvars so every event emitted
-while serving a call carries it.
+while serving a call carries it. An engine worker logs to its stderr (the
+daemon's log) in the daemon's format, with the context of the call that
+started it: ``child_env()`` passes both on, ``configure_from_env()`` takes them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 
 import structlog
@@ -37,3 +41,36 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+LEVEL_ENV, FORMAT_ENV, CONTEXT_ENV = "CKPTD_LOG_LEVEL", "CKPTD_LOG_FORMAT", "CKPTD_LOG_CONTEXT"
+_current = {"level": "info", "format": "auto"}
+
+
+def configure_daemon(level: str, fmt: str) -> None:
+    """The daemon's logging; remembered so that workers log the same way."""
+    stream = sys.stdout
+    resolved = fmt if fmt != "auto" else ("console" if stream.isatty() else "json")
+    _current.update(level=level, format=resolved)
+    configure(level, resolved, stream)
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a worker: our level, format and the bound context."""
+    context = {k: v for k, v in structlog.contextvars.get_contextvars().items()
+               if isinstance(v, (str, int, float, bool))}
+    return {LEVEL_ENV: _current["level"], FORMAT_ENV: _current["format"],
+            CONTEXT_ENV: json.dumps(context)}
+
+
+def configure_from_env() -> None:
+    """A worker's logging, on stderr, as its daemon asked."""
+    level = os.environ.get(LEVEL_ENV, "info")
+    fmt = os.environ.get(FORMAT_ENV, "auto")
+    configure(level if level in LEVELS else "info", fmt if fmt in FORMATS else "auto", sys.stderr)
+    try:
+        context = json.loads(os.environ.get(CONTEXT_ENV, "{}"))
+    except ValueError:
+        context = {}   # a malformed context only costs the worker its tags
+    if isinstance(context, dict):
+        structlog.contextvars.bind_contextvars(**context)

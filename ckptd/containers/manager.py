@@ -28,19 +28,20 @@ from signal import SIGKILL, SIGSTOP, SIGTERM, Signals
 
 import structlog
 
-from ckptd import errors
+from ckptd import errors, native
 from ckptd.containers import launch, status
 from ckptd.containers.faults import kernel_call
 from ckptd.containers.model import ContainerInfo, Network, RunSpec, State
 from ckptd.containers.reaper import ShimReaper
 from ckptd.containers.records import (
-    ContainerDir, Record, container_dir, containers_dir, load_record, save_record,
+    ContainerDir, Record, container_dir, containers_dir, load_record, save_exit_status,
+    save_record,
 )
 from ckptd.containers.registry import Entry, Registry
 from ckptd.containers.shim import ShimConfig
 from ckptd.errors import NotFoundError, StateError, TimeoutError_, UsageError
-from ckptd.kernel import process
-from ckptd.kernel.cgroupfs import Freezer
+from ckptd.kernel import cgroupfs, process, procfs
+from ckptd.kernel.cgroupfs import Freezer, FreezerState
 from ckptd.kernel.freezer import KINDS, make_freezer, open_freezer
 
 log = structlog.get_logger(__name__)
@@ -57,6 +58,7 @@ KILL_WAIT = 5.0
 KILL_ROUND = 0.2
 # rmdir gives EBUSY for a moment after the last task exits.
 CGROUP_REMOVE_WAIT = 2.0
+STUB = "ckptd-stub"           # the native program a restored task starts as
 FOUND_FROZEN_NOTE = "cgroup was found frozen after a daemon restart"
 _ENDED = (State.EXITED, State.LOST)
 
@@ -137,6 +139,9 @@ class ContainerManager:
 
     def run(self, spec: RunSpec) -> ContainerInfo:
         _check_spec(spec)
+        return self._start(spec, starter="exec")
+
+    def _start(self, spec: RunSpec, *, starter: str, owner_uid: int | None = None) -> ContainerInfo:
         began = time.monotonic()
         cid = secrets.token_hex(ID_BYTES)
         name = spec.name or cid
@@ -145,22 +150,16 @@ class ContainerManager:
         cdir = container_dir(self.state_dir, cid)
         # No error context with the id: after a failed start the id names nothing.
         with self._registry.reserving(name, cid), contextlib.ExitStack() as undo:
-            with kernel_call("creating the container directory"):
-                cdir.path.mkdir(mode=0o700)
-            undo.callback(shutil.rmtree, cdir.path, ignore_errors=True)
-            with kernel_call("creating the container cgroup"):
-                # Recreated if someone removed our (empty) root meanwhile.
-                self.cgroup_root_path.mkdir(parents=True, exist_ok=True)
-                freezer.create(cgroup)
-            undo.callback(self._discard_cgroup, freezer, cgroup)
+            self._make_home(undo, cdir, freezer, cgroup)
             record = Record(
                 id=cid, name=name, spec=spec, hostname=spec.hostname or name,
                 backend=freezer.name, cgroup_path=str(cgroup), started_at=time.time(),
-                owner_uid=spec.uid,
+                owner_uid=spec.uid if owner_uid is None else owner_uid,
             )
             self._save(record)   # before the shim: a crash from here on leaves a trace
             try:
-                started = launch.start_shim(self._shim_config(record, freezer), cdir.shim_log)
+                started = launch.start_shim(self._shim_config(record, freezer, starter),
+                                            cdir.shim_log)
             except errors.CkptdError as e:
                 log.info("container_start_failed", container=cid, error=str(e))
                 raise
@@ -173,8 +172,102 @@ class ContainerManager:
             self._registry.add(Entry(record))
             undo.pop_all()
         log.info("container_started", container=cid, name=name, pid=record.init_pid,
-                 backend=freezer.name, ms=_ms_since(began))
+                 backend=freezer.name, starter=starter, ms=_ms_since(began))
         return self._info(record)
+
+    # --- checkpoint and restart support ------------------------------------
+
+    def freezer_name(self, ref: str) -> str:
+        return self._registry.resolve(ref).record.backend
+
+    def note(self, ref: str, text: str) -> None:
+        with self._locked(ref) as entry:
+            self._update(entry, entry.record.with_note(text))
+
+    def thaw_after_failure(self, ref: str) -> None:
+        """Last resort after a failed checkpoint whose worker could not thaw."""
+        try:
+            with self._locked(ref) as entry:
+                record = entry.record
+                path = Path(record.cgroup_path)
+                if status.cgroup_state(self._backend(record), path) == FreezerState.FROZEN:
+                    self._backend(record).thaw(path, 10.0)
+                    log.warning("container_thawed_after_failure", container=record.id)
+        except (errors.CkptdError, OSError) as e:
+            log.error("thaw_after_failure_failed", container=ref, error=str(e))
+
+    def create_stub(self, *, name: str, hostname: str, network: Network, owner_uid: int,
+                    log_path: str = "") -> ContainerInfo:
+        """A new container whose init is the restore stub, waiting to be
+        restored into. ``name`` falls back to the id when it is taken."""
+        if name and (not NAME_RE.fullmatch(name) or self._name_taken(name)):
+            log.info("restore_name_taken", name=name)
+            name = ""
+        spec = RunSpec(argv=(str(native.binary(STUB)),), name=name, hostname=hostname,
+                       network=network)
+        return self._start(spec, starter="stub", owner_uid=owner_uid)
+
+    def finish_stub(self, ref: str) -> ContainerInfo:
+        """The stub has become the restored process: record what it runs now."""
+        with self._locked(ref) as entry:
+            record = entry.record
+            try:
+                argv = tuple(procfs.read_cmdline(record.init_pid))
+            except (OSError, ValueError):
+                argv = record.spec.argv   # it exited already: keep what we had
+            self._update(entry, dataclasses.replace(
+                record, spec=dataclasses.replace(record.spec, argv=argv or record.spec.argv)))
+            return self._info(entry.record)
+
+    def adopt(self, pid: int, *, name: str = "", owner_uid: int = 0) -> ContainerInfo:
+        """Make a restored host process (our child now: we are a subreaper) a
+        container of its own: a cgroup to freeze and kill it, a record, and
+        its exit status recorded when it ends."""
+        began = time.monotonic()
+        cid = secrets.token_hex(ID_BYTES)
+        if name and (not NAME_RE.fullmatch(name) or self._name_taken(name)):
+            name = ""
+        name = name or cid
+        freezer = self._freezer
+        cgroup = self.cgroup_root_path / cid
+        cdir = container_dir(self.state_dir, cid)
+        with self._registry.reserving(name, cid), contextlib.ExitStack() as undo:
+            self._make_home(undo, cdir, freezer, cgroup)
+            with kernel_call("moving the restored process into its cgroup", pid=pid):
+                cgroupfs.write_control(freezer.join_file(cgroup), str(pid))
+            with kernel_call("reading the restored process", pid=pid):
+                start = process.start_time(pid)
+                argv = tuple(procfs.read_cmdline(pid)) or (f"pid {pid}",)
+            spec = RunSpec(argv=argv, name=name)
+            record = Record(id=cid, name=name, spec=spec, hostname="", backend=freezer.name,
+                            cgroup_path=str(cgroup), started_at=time.time(),
+                            owner_uid=owner_uid, init_pid=pid, init_start_time=start,
+                            notes=("restored into the host PID namespace",))
+            self._save(record)
+            self._reaper.watch_adopted(pid, start, lambda st: save_exit_status(cdir, st))
+            self._registry.add(Entry(record))
+            undo.pop_all()
+        log.info("process_adopted", container=cid, pid=pid, ms=_ms_since(began))
+        return self._info(record)
+
+    def _make_home(self, undo: contextlib.ExitStack, cdir: ContainerDir, freezer: Freezer,
+                   cgroup: Path) -> None:
+        """A new container's directory and cgroup, removed by ``undo``."""
+        with kernel_call("creating the container directory"):
+            cdir.path.mkdir(mode=0o700)
+        undo.callback(shutil.rmtree, cdir.path, ignore_errors=True)
+        with kernel_call("creating the container cgroup"):
+            # Recreated if someone removed our (empty) root meanwhile.
+            self.cgroup_root_path.mkdir(parents=True, exist_ok=True)
+            freezer.create(cgroup)
+        undo.callback(self._discard_cgroup, freezer, cgroup)
+
+    def _name_taken(self, name: str) -> bool:
+        try:
+            self._registry.resolve(name)
+        except NotFoundError:
+            return False
+        return True
 
     def freeze(self, ref: str, timeout: float = 10.0) -> ContainerInfo:
         with self._locked(ref) as entry:
@@ -365,7 +458,7 @@ class ContainerManager:
                                 f"within {KILL_WAIT:g} s of SIGKILL")
         log.info("container_killed", container=record.id)
 
-    def _shim_config(self, record: Record, freezer: Freezer) -> ShimConfig:
+    def _shim_config(self, record: Record, freezer: Freezer, starter: str) -> ShimConfig:
         spec = record.spec
         return ShimConfig(
             container_id=record.id,
@@ -379,6 +472,7 @@ class ContainerManager:
             uid=spec.uid,
             gid=spec.gid,
             cgroup_join_file=str(freezer.join_file(Path(record.cgroup_path))),
+            starter=starter,
         )
 
     def _abandon_shim(self, started: launch.Started, freezer: Freezer, cgroup: Path) -> None:

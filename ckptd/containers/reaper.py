@@ -14,10 +14,12 @@ import os
 import select
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
 
+from ckptd.containers.records import ExitStatus
 from ckptd.kernel import process, procfs
 
 log = structlog.get_logger(__name__)
@@ -41,6 +43,26 @@ class ShimReaper:
             log.debug("shim_reaped", container=container, shim_pid=shim.pid, returncode=code)
             self._adopt_orphan(container, init_pid, init_start_time)
         self._add(fd, exited, shim)
+
+    def watch_adopted(self, pid: int, start: int,
+                      on_status: Callable[[ExitStatus], None]) -> None:
+        """Reap ``pid``, a child of ours without a shim (a process restored in
+        the host PID namespace), and hand its exit status to ``on_status``."""
+        fd = process.open_pidfd(pid, start)
+
+        def exited() -> None:
+            try:
+                result = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                log.warning("adopted_process_not_ours", pid=pid)
+                return
+            if result is None:
+                return
+            code = (result.si_status if result.si_code == os.CLD_EXITED
+                    else None)
+            sig = None if code is not None else result.si_status
+            on_status(ExitStatus(exit_code=code, exit_signal=sig, exited_at=time.time()))
+        self._add(fd, exited)
 
     def close(self) -> None:
         """Stop the thread. Shims keep running; those still alive are no longer

@@ -63,6 +63,7 @@ class ShimConfig:
     uid: int
     gid: int
     cgroup_join_file: str     # the init writes "0" here to move itself in
+    starter: str = "exec"     # "exec": run argv; "stub": become the restore stub
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -135,6 +136,19 @@ def exec_command(cfg: ShimConfig, stdio: InitStdio) -> NoReturn:
         if e.errno == errno.ENOEXEC:
             raise InitError("usage", f"not an executable: {command}") from None
         raise
+
+
+def exec_stub(cfg: ShimConfig, stdio: InitStdio) -> NoReturn:
+    """Become the restore engine's stub (argv[0]): a freestanding program
+    that waits to be seized and to have the checkpointed task laid into it.
+    Its fds, credentials and signal state all come from the image later."""
+    try:
+        os.execv(cfg.argv[0], list(cfg.argv))
+    except OSError as e:
+        raise InitError("system", f"cannot start the restore stub {cfg.argv[0]}: {e}") from None
+
+
+STARTERS = {"exec": exec_command, "stub": exec_stub}
 
 
 def attach_stdio(stdio: InitStdio) -> None:
@@ -296,7 +310,7 @@ def main() -> int:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    return run_shim(cfg, report_fd)
+    return run_shim(cfg, report_fd, STARTERS[cfg.starter])
 
 
 if __name__ == "__main__":

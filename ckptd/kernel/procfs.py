@@ -107,3 +107,15 @@ def read_status(pid: int) -> dict[str, str]:
 
 def read_cgroup(pid: int) -> list[CgroupMembership]:
     return parse_cgroup(_read(pid, "cgroup"))
+
+
+def parse_cmdline(raw: bytes) -> list[str]:
+    """/proc/PID/cmdline: NUL-separated arguments (a trailing NUL ends the last)."""
+    if not raw:
+        return []
+    return [a.decode(errors="surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def read_cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return parse_cmdline(f.read())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.errors import UsageError
-from ckptd.server.logging import FORMATS, LEVELS
+from ckptd.logs import FORMATS, LEVELS
 
 DEFAULT_CONFIG = Path("/etc/ckptd/config.toml")
 FREEZERS = ("auto", "cgroup2", "cgroup1")

@@ -15,20 +15,18 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ckptd import __version__
+from ckptd import __version__, logs
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.operations import Operations
 from ckptd.errors import CkptdError
 from ckptd.kernel.process import set_child_subreaper
 from ckptd.server import config as configuration
-from ckptd.server import logging as logsetup
 from ckptd.server.auth import PeerTable, UnixFront
 from ckptd.server.notify import notify
 from ckptd.server.service import Servicer, daemon_info
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except CkptdError as e:
         print(f"ckptd: error: {e}", file=sys.stderr)
         return 2
-    logsetup.configure(cfg.log_level, cfg.log_format)
+    logs.configure_daemon(cfg.log_level, cfg.log_format)
     if os.geteuid() != 0:
         print("ckptd: error: the daemon must run as root (it creates namespaces and cgroups "
               "and traces processes)", file=sys.stderr)

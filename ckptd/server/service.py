@@ -20,9 +20,11 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ckptd import __version__
+from ckptd.containers.checkpoint import Target, checkpoint
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import ContainerInfo, Network, RunSpec, State
 from ckptd.containers.operations import Kind, OperationInfo, Operations
+from ckptd.containers.restart import restart
 from ckptd.errors import PermissionError_, UnsupportedError, UsageError
 from ckptd.server.auth import Peer, PeerTable
 from ckptd.server.errors import status_of
@@ -244,14 +246,32 @@ class Servicer(api_pb2_grpc.CkptdServicer):
 
     @_rpc(stream=True)
     def Checkpoint(self, request, context, caller):
-        raise UnsupportedError("checkpoint is not implemented yet: the checkpoint engine "
-                               "lands with the engine issue (#3)")
-        yield  # pragma: no cover - makes this a generator
+        which = request.WhichOneof("target")
+        if which == "id":
+            target = Target(container=self._owned(request.id, caller).id)
+        elif which == "pid":
+            if not caller.is_root:
+                raise PermissionError_("only root may checkpoint host processes by pid")
+            target = Target(pid=request.pid)
+        else:
+            raise UsageError("checkpoint needs a container id or a pid")
+        for chunk in checkpoint(self.manager, self.operations, target, request.leave_running):
+            yield pb.ImageChunk(data=chunk)
 
     @_rpc()
     def Restart(self, request_iterator, context, caller):
-        raise UnsupportedError("restart is not implemented yet: the restore engine "
-                               "lands with the engine issue (#3)")
+        if not caller.is_root:
+            # The image decides the restored credentials; until they are checked
+            # against the caller's, only root may restore.
+            raise PermissionError_("only root may restart from an image for now")
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "options":
+            raise UsageError("a restart stream starts with its options message")
+        chunks = (part.data for part in request_iterator if part.WhichOneof("part") == "data")
+        info = restart(self.manager, self.operations, chunks, name=first.options.name,
+                       owner_uid=caller.uid)
+        structlog.contextvars.bind_contextvars(container=info.id)
+        return container_message(info)
 
     @_rpc()
     def Migrate(self, request, context, caller):

@@ -139,7 +139,7 @@ def test_exit_code_and_errors(daemon: Daemon) -> None:
             c.run(["/no-such-program"])
         with pytest.raises(errors.InvalidArgument):
             c.run([])
-        with pytest.raises(errors.Unimplemented, match="not implemented"):
+        with pytest.raises(errors.FailedPrecondition, match="only a running container"):
             list(c.checkpoint(ctr.id))
         c.delete(ctr.id)
         assert c.list() == []

@@ -12,13 +12,14 @@ from pathlib import Path
 import ckptd
 
 ROOT = Path(ckptd.__file__).resolve().parent
-# Which of our layers each layer may import. errors/native/v1 are shared leaves.
+# Which of our layers each layer may import. errors/logs/native/v1 are shared leaves.
+LEAVES = {"errors", "logs", "v1"}
 ALLOWED = {
     "kernel": set(),
-    "image": {"errors", "v1"},
-    "engine": {"errors", "v1", "image", "kernel", "native", "engine"},
-    "containers": {"errors", "v1", "image", "kernel", "native", "engine", "containers"},
-    "server": {"errors", "v1", "image", "kernel", "native", "engine", "containers", "server"},
+    "image": LEAVES,
+    "engine": LEAVES | {"image", "kernel", "native"},
+    "containers": LEAVES | {"image", "kernel", "native", "engine"},
+    "server": LEAVES | {"image", "kernel", "native", "engine", "containers"},
 }
 
 

@@ -1,0 +1,135 @@
+"""Checkpoint a container (or a host process tree) into an image stream.
+
+The engine runs in a worker process and writes the image to its stdout; this
+module hands the bytes on as they come (the daemon never holds the image),
+tracks progress for ``Status``, and once the whole image has gone out tells
+the worker to resume the tree (``leave_running``) or kill it. If anything
+fails, or the caller goes away before the image is complete, the tree is
+resumed: a failed checkpoint leaves it running as if nothing happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ckptd import errors
+from ckptd.containers.manager import ContainerManager
+from ckptd.containers.model import State
+from ckptd.containers.operations import Kind, Operations
+from ckptd.containers.worker import Worker, error_from
+from ckptd.kernel import procfs
+
+log = structlog.get_logger(__name__)
+
+# Seconds for the worker to resume or kill the tree once told to.
+FINISH_TIMEOUT = 30.0
+KILLED_NOTE = "checkpointed and stopped (its image was sent to the caller)"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to checkpoint: a container of ours, or a host process by pid."""
+
+    container: str = ""
+    pid: int = 0
+
+
+def checkpoint(manager: ContainerManager, operations: Operations, target: Target,
+               leave_running: bool) -> Iterator[bytes]:
+    """Image bytes, in chunks, as the engine produces them."""
+    request, container_id = _request(manager, target)
+    with operations.track(Kind.CHECKPOINT, container_id or f"pid:{target.pid}") as op, \
+            Worker(image_in=False) as worker:
+        op.update(phase="starting the engine")
+        worker.send(request)
+        sent = 0
+        dumped: dict[str, Any] | None = None
+        finished = False
+        try:
+            for kind, item in worker.events():
+                if kind == "data":
+                    sent += len(item)
+                    op.update(bytes_done=sent)
+                    yield item
+                    continue
+                dumped = _control(item, op) or dumped
+            while dumped is None:
+                dumped = _control(worker.receive(FINISH_TIMEOUT), op)
+            op.update(phase="finishing")
+            worker.send({"finish": "resume" if leave_running else "kill"})
+            while True:
+                reply = worker.receive(FINISH_TIMEOUT)
+                if "finished" in reply:
+                    break
+                _control(reply, op)
+            finished = True
+            worker.wait()
+        finally:
+            if not finished:
+                # Failed or abandoned mid-way: the worker resumes the tree when
+                # its control socket closes before a finish message.
+                worker.control.close()
+                _wait_quietly(worker)
+                if container_id:
+                    manager.thaw_after_failure(container_id)
+        if not leave_running and container_id:
+            manager.note(container_id, KILLED_NOTE)
+        log.info("checkpoint_done", container=container_id or None, pid=target.pid or None,
+                 bytes=sent, leave_running=leave_running, **_figures(dumped, reply))
+
+
+def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any], str]:
+    if target.container:
+        info = manager.get(target.container)
+        if info.state != State.RUNNING:
+            raise errors.StateError(f"container {info.id} is {info.state.value}; only a "
+                                    "running container can be checkpointed (thaw it first)")
+        source = {"kind": "container", "container_id": info.id, "container_name": info.name,
+                  "hostname": info.hostname, "network": info.network.value,
+                  "log_path": str(manager.log_path(info.id))}
+        return ({"op": "checkpoint", "pid": info.init_pid, "cgroup": info.cgroup_path,
+                 "freezer": manager.freezer_name(info.id), "source": source}, info.id)
+    if target.pid <= 0:
+        raise errors.UsageError(f"bad pid {target.pid}")
+    try:
+        procfs.read_stat(target.pid)
+    except ProcessLookupError:
+        raise errors.NotFoundError(f"no process with pid {target.pid}") from None
+    if target.pid == 1:
+        raise errors.UsageError("refusing to checkpoint pid 1 of the host")
+    return ({"op": "checkpoint", "pid": target.pid, "cgroup": None, "freezer": None,
+             "source": {"kind": "host"}}, "")
+
+
+def _control(message: dict[str, Any], op) -> dict[str, Any] | None:
+    """Apply one control message; the ``dumped`` report when it is that."""
+    if "error" in message:
+        raise error_from(message["error"])
+    if "progress" in message:
+        p = message["progress"]
+        op.update(phase=p.get("phase"), bytes_total=p.get("bytes_total"))
+        return None
+    if "dumped" in message:
+        return message["dumped"]
+    log.debug("worker_message_ignored", message=message)
+    return None
+
+
+def _figures(dumped: dict[str, Any] | None, finished: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for source in (dumped or {}), ((finished or {}).get("finished") or {}):
+        for key, value in source.items():
+            if key.endswith("_ms") or key in ("pages",):
+                out[key] = value
+    return out
+
+
+def _wait_quietly(worker: Worker) -> None:
+    try:
+        worker.wait()
+    except errors.TimeoutError_:
+        log.error("worker_did_not_exit", worker_pid=worker.proc.pid)

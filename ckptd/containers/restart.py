@@ -1,0 +1,137 @@
+"""Restart a container (or a host process tree) from an image stream.
+
+The image goes to an engine worker's stdin as the caller uploads it. The
+worker reads the header and says what it needs: for an image of a container,
+a new container whose init is the engine's stub (the manager creates it with
+the recorded hostname and network); for an image of a host process, nothing
+(the worker recreates it with its pid in the host PID namespace, and the
+manager adopts it into a container record of its own). When the worker has
+restored and detached the tree, the container is registered; if anything
+fails, everything created is removed and the first error is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+
+from ckptd import errors
+from ckptd.containers.manager import ContainerManager
+from ckptd.containers.model import ContainerInfo, Network
+from ckptd.containers.operations import Kind, Operations
+from ckptd.containers.worker import Worker, error_from
+
+log = structlog.get_logger(__name__)
+
+RESTORE_TIMEOUT = 300.0   # seconds between two messages of a restoring worker
+
+
+def restart(manager: ContainerManager, operations: Operations, chunks: Iterator[bytes], *,
+            name: str = "", owner_uid: int = 0) -> ContainerInfo:
+    with operations.track(Kind.RESTART, "") as op, Worker(image_in=True) as worker, \
+            contextlib.ExitStack() as undo:
+        op.update(phase="receiving the image")
+        feeder = _Feeder(worker, chunks, op)
+        feeder.start()
+        undo.callback(feeder.stop)
+        worker.send({"op": "restore", "target": "container"})
+        container: ContainerInfo | None = None
+        while True:
+            message = _next(worker, feeder)
+            if "error" in message:
+                raise feeder.error or error_from(message["error"])
+            if "progress" in message:
+                op.update(phase=message["progress"].get("phase"),
+                          bytes_total=message["progress"].get("bytes_total"))
+            elif "need" in message:
+                need = message["need"]
+                source = need.get("source") or {}
+                if source.get("kind") == "container":
+                    container = manager.create_stub(
+                        name=name or source.get("container_name", ""),
+                        hostname=need.get("hostname") or source.get("hostname", ""),
+                        network=Network(need.get("network") or source.get("network") or "host"),
+                        owner_uid=owner_uid, log_path=source.get("log_path", ""))
+                    undo.callback(_discard, manager, container.id)
+                    op.container_id = container.id
+                    worker.send({"stub": {"pid": container.init_pid,
+                                          "log_path": str(manager.log_path(container.id))}})
+                else:
+                    worker.send({"stub": None})
+            elif "restored" in message:
+                restored = message["restored"]
+                break
+        feeder.join()
+        if feeder.error is not None:
+            raise feeder.error
+        worker.wait()
+        if container is not None:
+            info = manager.finish_stub(container.id)
+        else:
+            info = manager.adopt(int(restored["pid"]), name=name, owner_uid=owner_uid)
+        undo.pop_all()
+        log.info("restart_done", container=info.id, pid=info.init_pid,
+                 restore_ms=restored.get("restore_ms"))
+        return info
+
+
+def _next(worker: Worker, feeder: _Feeder) -> dict[str, Any]:
+    try:
+        return worker.receive(RESTORE_TIMEOUT)
+    except errors.CkptdError:
+        # The worker died: an upload error is the first cause, if there was one.
+        if feeder.error is not None:
+            raise feeder.error from None
+        raise
+
+
+def _discard(manager: ContainerManager, cid: str) -> None:
+    try:
+        manager.delete(cid, force=True)
+    except errors.CkptdError as e:
+        log.error("restore_cleanup_failed", container=cid, error=str(e))
+
+
+class _Feeder(threading.Thread):
+    """Copies the uploaded chunks into the worker's stdin."""
+
+    def __init__(self, worker: Worker, chunks: Iterator[bytes], op) -> None:
+        super().__init__(name="restore-feeder", daemon=True)
+        self.worker = worker
+        self.chunks = chunks
+        self.op = op
+        self.error: errors.CkptdError | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        pipe = self.worker.proc.stdin
+        assert pipe is not None
+        received = 0
+        try:
+            for chunk in self.chunks:
+                if self._halt.is_set():
+                    return
+                pipe.write(chunk)
+                received += len(chunk)
+                self.op.update(bytes_done=received)
+        except BrokenPipeError:
+            return  # the worker stopped reading: its own message says why
+        except errors.CkptdError as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 - the client's stream broke; say so
+            self.error = errors.UsageError(f"the image upload failed: {e}")
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass  # worker gone: nothing to flush
+        if self.error is not None:
+            # Without the rest of the image the worker cannot finish: stop it.
+            self.worker.proc.kill()
+
+    def stop(self) -> None:
+        self._halt.set()

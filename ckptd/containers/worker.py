@@ -1,0 +1,161 @@
+"""The daemon's handle on one engine worker process.
+
+Every checkpoint or restore runs in its own ``python -m ckptd.engine.worker``:
+ptrace belongs to the thread that attached, and a crash in the engine must
+not take the daemon down. The worker speaks newline-delimited JSON on a unix
+socket whose fd number it finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout (checkpoint) or stdin (restore).
+Closing the handle kills a worker that is still running and reaps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+
+from ckptd import errors, logs
+
+log = structlog.get_logger(__name__)
+
+WORKER_MODULE = "ckptd.engine.worker"
+CONTROL_FD_ENV = "CKPTD_CONTROL_FD"
+# Image bytes are read from the worker in pieces of this size: the gRPC chunk
+# size, well under gRPC's 4 MiB message limit.
+CHUNK = 1 << 20
+MAX_CONTROL_LINE = 1 << 20    # a progress or error line is far smaller
+WORKER_EXIT_WAIT = 10.0       # seconds for a worker to exit once it is done
+
+_KINDS: dict[str, type[errors.CkptdError]] = {
+    "usage": errors.UsageError, "image": errors.UsageError,
+    "unsupported": errors.UnsupportedError, "state": errors.StateError,
+    "notfound": errors.NotFoundError, "permission": errors.PermissionError_,
+    "system": errors.SystemError_,
+}
+
+
+def error_from(report: dict[str, Any]) -> errors.CkptdError:
+    """The worker's ``{"error": ...}`` as one of our errors."""
+    kind = str(report.get("kind", "system"))
+    message = str(report.get("message", "the engine failed without saying why"))
+    context = report.get("context") or {}
+    if kind == "image":
+        return errors.ImageError(message.removeprefix("bad image: "))
+    return _KINDS.get(kind, errors.SystemError_)(message, **context)
+
+
+class Worker:
+    """One engine worker; use as a context manager."""
+
+    def __init__(self, *, image_in: bool) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control = ours
+        self._buffer = b""
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", WORKER_MODULE],
+                stdin=subprocess.PIPE if image_in else subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL if image_in else subprocess.PIPE,
+                stderr=None,   # the worker's own log lines go where ours go
+                # No preexec_fn to move it to fd 3: forking a threaded
+                # daemon must not run Python in the child. Its number is passed.
+                pass_fds=(theirs.fileno(),), close_fds=True,
+                env={**os.environ, **logs.child_env(), CONTROL_FD_ENV: str(theirs.fileno())},
+            )
+        except OSError as e:
+            ours.close()
+            raise errors.SystemError_(f"cannot start the engine worker: {e}") from e
+        finally:
+            theirs.close()
+        log.debug("worker_started", worker_pid=self.proc.pid)
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.control.sendall((json.dumps(message) + "\n").encode())
+        except OSError as e:
+            raise errors.SystemError_(f"the engine worker is gone ({e.strerror}); "
+                                      f"{self._exit_text()}") from e
+
+    def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next control message; SystemError_ if the worker died first."""
+        while b"\n" not in self._buffer:
+            self.control.settimeout(timeout)
+            try:
+                data = self.control.recv(65536)
+            except TimeoutError:
+                raise errors.TimeoutError_("the engine worker did not answer in time") from None
+            if not data:
+                raise errors.SystemError_(f"the engine worker ended unexpectedly; "
+                                          f"{self._exit_text()}")
+            self._buffer += data
+            if len(self._buffer) > MAX_CONTROL_LINE:
+                raise errors.BugError("the engine worker sent an oversized control line")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def pending(self) -> bool:
+        return b"\n" in self._buffer
+
+    def events(self) -> Iterator[tuple[str, Any]]:
+        """For a checkpoint: ("data", bytes) and ("control", message) as they
+        come, until stdout ends; control messages after that come from receive()."""
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.fileno()
+        sel = selectors.DefaultSelector()
+        sel.register(out, selectors.EVENT_READ, "data")
+        sel.register(self.control, selectors.EVENT_READ, "control")
+        try:
+            open_out = True
+            while open_out:
+                while self.pending():
+                    yield "control", self.receive()
+                for key, _ in sel.select():
+                    if key.data == "data":
+                        data = os.read(out, CHUNK)
+                        if not data:
+                            sel.unregister(out)
+                            open_out = False
+                            break
+                        yield "data", data
+                    else:
+                        yield "control", self.receive()
+        finally:
+            sel.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass  # a broken pipe to a dead worker: nothing to flush
+        self.proc.wait()
+        self.control.close()
+
+    def wait(self, timeout: float = WORKER_EXIT_WAIT) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise errors.TimeoutError_("the engine worker did not exit after finishing") from None
+
+    def _exit_text(self) -> str:
+        try:
+            code = self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            return "it is still running"
+        return f"it exited with status {code}"
+

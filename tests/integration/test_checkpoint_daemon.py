@@ -1,0 +1,193 @@
+"""Checkpoint and restart end to end through the daemon: real containers and
+host processes, checkpointed over the Checkpoint RPC, killed, and restarted
+over the Restart RPC from the streamed image."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Daemon, pid_gone, wait_for
+from ckptd.v1 import api_pb2 as pb
+
+# A Python counter: a heap it checks, and a counter it keeps in a file.
+COUNTER_PY = r"""
+import os, sys, time, zlib
+out = sys.argv[1]
+heap = {i: str(i) * 3 for i in range(50000)}
+digest = zlib.crc32(repr(sorted(heap.items())).encode())
+n = 0
+while True:
+    n += 1
+    if n % 10 == 0:
+        ok = zlib.crc32(repr(sorted(heap.items())).encode()) == digest if n % 500 == 0 else True
+        with open(out + ".tmp", "w") as f:
+            f.write(f"{n} {os.getpid()} {'ok' if ok else 'HEAP-CORRUPT'}\n")
+        os.replace(out + ".tmp", out)
+    time.sleep(0.002)
+"""
+
+
+def read_count(path: Path) -> tuple[int, int, str]:
+    try:
+        n, pid, ok = path.read_text().split()
+        return int(n), int(pid), ok
+    except (FileNotFoundError, ValueError):
+        return 0, 0, ""
+
+
+def grows(path: Path, timeout: float = 5.0) -> int:
+    first = wait_for(lambda: read_count(path)[0], timeout, f"{path} to count")
+    wait_for(lambda: read_count(path)[0] > first, timeout, f"{path} to grow")
+    return first
+
+
+def test_container_checkpoint_kill_restart(daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "count"
+    image = tmp_short / "ctr.img"
+    with daemon.client() as c:
+        ctr = c.run([sys.executable, "-c", COUNTER_PY, str(counter)], name="counter",
+                    hostname="ck-host")
+        grows(counter)
+    r = daemon.ckptctl("checkpoint", ctr.id, "-o", str(image), timeout=120)
+    assert r.returncode == 0, r.stderr.decode() + daemon.log()
+    stopped_at = read_count(counter)[0]
+    with daemon.client() as c:
+        old = c.status(ctr.id).container
+        assert old.state == pb.CONTAINER_STATE_EXITED and old.exit_signal == signal.SIGKILL
+        assert any("checkpointed" in n for n in old.notes)
+    time.sleep(0.3)
+    assert read_count(counter)[0] == stopped_at, "the checkpointed process was stopped"
+
+    r = daemon.ckptctl("--json", "image", "inspect", str(image))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["trailer"]
+
+    r = daemon.ckptctl("--json", "restart", "-i", str(image), "--name", "counter2", timeout=30)
+    assert r.returncode == 0, r.stderr.decode() + daemon.log()
+    new = json.loads(r.stdout)
+    with daemon.client() as c:
+        info = c.status("counter2").container
+        assert info.state == pb.CONTAINER_STATE_RUNNING
+        assert info.init_ns_pid == 1 and info.hostname == "ck-host"
+        n = wait_for(lambda: read_count(counter)[0] > stopped_at and read_count(counter)[0],
+                     10, "the restored counter to go on")
+        assert n < stopped_at + 5000, "it went on from where it stopped, not from zero"
+        assert read_count(counter)[1] == 1, "pid 1 in its own namespace, as before"
+        # It is a container like any other: freeze, kill, delete work.
+        c.freeze("counter2")
+        c.thaw("counter2")
+        c.kill("counter2", signal=signal.SIGKILL)
+        c.delete("counter2")
+        c.delete(ctr.id)
+    assert new["id"]
+
+
+def test_leave_running_and_progress(daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "count"
+    with daemon.client() as c:
+        ctr = c.run([sys.executable, "-c", COUNTER_PY, str(counter)])
+        grows(counter)
+        seen: list[pb.Operation] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            with daemon.client() as w:
+                while not done.is_set():
+                    seen.extend(w.status(ctr.id).operations)
+                    time.sleep(0.002)
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            data = b"".join(c.checkpoint(ctr.id, leave_running=True))
+        finally:
+            done.set()
+            t.join()
+        assert data.startswith(b"CKPTIMG\0")
+        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+        grows(counter)
+        assert any(op.kind == pb.OPERATION_KIND_CHECKPOINT for op in seen), \
+            "Status reports the running checkpoint"
+        # A second checkpoint of the same, still running, container works too.
+        again = b"".join(c.checkpoint(ctr.id, leave_running=True))
+        assert again.startswith(b"CKPTIMG\0")
+        grows(counter)
+
+
+def test_bad_images_leave_nothing_behind(daemon: Daemon, tmp_short: Path) -> None:
+    with daemon.client() as c:
+        ctr = c.run(["sleep", "1000"])
+        good = b"".join(c.checkpoint(ctr.id, leave_running=True))
+        c.delete(ctr.id, force=True)
+    bad = {
+        "truncated": good[: len(good) // 2],
+        "corrupt": good[:200] + bytes([good[200] ^ 0xFF]) + good[201:],
+        "garbage": b"not an image at all" * 10,
+        "empty": b"",
+    }
+    for what, data in bad.items():
+        path = tmp_short / f"{what}.img"
+        path.write_bytes(data)
+        r = daemon.ckptctl("restart", "-i", str(path), timeout=60)
+        assert r.returncode in (2, 9), (what, r.returncode, r.stderr)
+        assert b"Traceback" not in r.stderr and b"image" in r.stderr, (what, r.stderr)
+        with daemon.client() as c:
+            assert c.list() == [], f"{what}: no container is left behind"
+        left = [d for d in daemon.cgroup_dirs() if any(p.is_dir() for p in d.iterdir())]
+        assert not left, f"{what}: no cgroup is left behind"
+
+
+def test_refused_checkpoint_leaves_container_running(daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "count"
+    holder = (f"import socket, runpy, sys; a, b = socket.socketpair(); "
+              f"sys.argv = ['x', {str(counter)!r}]; exec({COUNTER_PY!r})")
+    with daemon.client() as c:
+        ctr = c.run([sys.executable, "-c", holder])
+        grows(counter)
+        from ckptd_client import errors
+        with pytest.raises(errors.ClientError) as e:
+            b"".join(c.checkpoint(ctr.id))
+        assert e.value.code in ("UNIMPLEMENTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+        assert "socket" in e.value.message
+        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+        grows(counter)
+
+
+def test_host_process_by_pid(daemon: Daemon, tmp_short: Path) -> None:
+    out = tmp_short / "sleep.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(["sleep", "1000"], stdout=f, stderr=f,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pid = proc.pid
+    image = tmp_short / "host.img"
+    try:
+        r = daemon.ckptctl("checkpoint", "--pid", str(pid), "-o", str(image), timeout=60)
+        assert r.returncode == 0, r.stderr.decode() + daemon.log()
+        assert proc.wait(10) == -signal.SIGKILL
+        wait_for(lambda: pid_gone(pid), 10, "the old pid to be free")
+        r = daemon.ckptctl("--json", "restart", "-i", str(image), timeout=60)
+        assert r.returncode == 0, r.stderr.decode() + daemon.log()
+        restored = json.loads(r.stdout)
+        assert int(restored["init_pid"]) == pid, "same pid in the host namespace"
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
+        # Restoring again while the pid is taken fails and names the pid.
+        r = daemon.ckptctl("restart", "-i", str(image), timeout=60)
+        assert r.returncode != 0 and str(pid).encode() in r.stderr
+        with daemon.client() as c:
+            c.kill(restored["id"], signal=signal.SIGKILL)
+            wait_for(lambda: pid_gone(pid), 10, "the restored process to die")
+            assert c.status(restored["id"]).container.exit_signal == signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not pid_gone(pid):
+            os.kill(pid, signal.SIGKILL)
