@@ -141,7 +141,8 @@ class ContainerManager:
         _check_spec(spec)
         return self._start(spec, starter="exec")
 
-    def _start(self, spec: RunSpec, *, starter: str, owner_uid: int | None = None) -> ContainerInfo:
+    def _start(self, spec: RunSpec, *, starter: str, owner_uid: int | None = None,
+               domainname: str = "") -> ContainerInfo:
         began = time.monotonic()
         cid = secrets.token_hex(ID_BYTES)
         name = spec.name or cid
@@ -155,6 +156,7 @@ class ContainerManager:
                 id=cid, name=name, spec=spec, hostname=spec.hostname or name,
                 backend=freezer.name, cgroup_path=str(cgroup), started_at=time.time(),
                 owner_uid=spec.uid if owner_uid is None else owner_uid,
+                domainname=domainname,
             )
             self._save(record)   # before the shim: a crash from here on leaves a trace
             try:
@@ -197,7 +199,7 @@ class ContainerManager:
             log.error("thaw_after_failure_failed", container=ref, error=str(e))
 
     def create_stub(self, *, name: str, hostname: str, network: Network, owner_uid: int,
-                    log_path: str = "") -> ContainerInfo:
+                    domainname: str = "") -> ContainerInfo:
         """A new container whose init is the restore stub, waiting to be
         restored into. ``name`` falls back to the id when it is taken."""
         if name and (not NAME_RE.fullmatch(name) or self._name_taken(name)):
@@ -205,7 +207,7 @@ class ContainerManager:
             name = ""
         spec = RunSpec(argv=(str(native.binary(STUB)),), name=name, hostname=hostname,
                        network=network)
-        return self._start(spec, starter="stub", owner_uid=owner_uid)
+        return self._start(spec, starter="stub", owner_uid=owner_uid, domainname=domainname)
 
     def finish_stub(self, ref: str) -> ContainerInfo:
         """The stub has become the restored process: record what it runs now."""
@@ -473,6 +475,7 @@ class ContainerManager:
             gid=spec.gid,
             cgroup_join_file=str(freezer.join_file(Path(record.cgroup_path))),
             starter=starter,
+            domainname=record.domainname,
         )
 
     def _abandon_shim(self, started: launch.Started, freezer: Freezer, cgroup: Path) -> None:

@@ -97,6 +97,7 @@ class Record:
     # False was frozen by someone else, or by a daemon that crashed mid-way.
     frozen_by_daemon: bool = False
     notes: tuple[str, ...] = ()
+    domainname: str = ""         # UTS domain name; empty leaves the kernel's "(none)"
 
     def with_note(self, note: str) -> Record:
         if note in self.notes:

@@ -55,7 +55,7 @@ def restart(manager: ContainerManager, operations: Operations, chunks: Iterator[
                         name=name or source.get("container_name", ""),
                         hostname=need.get("hostname") or source.get("hostname", ""),
                         network=Network(need.get("network") or source.get("network") or "host"),
-                        owner_uid=owner_uid, log_path=source.get("log_path", ""))
+                        owner_uid=owner_uid, domainname=need.get("domainname", ""))
                     undo.callback(_discard, manager, container.id)
                     op.container_id = container.id
                     worker.send({"stub": {"pid": container.init_pid,

@@ -41,7 +41,7 @@ from typing import Any, NoReturn, Protocol
 from ckptd.containers.records import ContainerDir, ExitStatus, save_exit_status
 from ckptd.kernel import cgroupfs, netdev, process
 from ckptd.kernel.namespaces import (
-    Namespace, make_mounts_private, mount_proc, set_hostname, unshare,
+    Namespace, make_mounts_private, mount_proc, set_domainname, set_hostname, unshare,
 )
 
 TTY_ROWS, TTY_COLS = 24, 80   # a pty starts 0x0, which confuses full-screen programs
@@ -64,6 +64,7 @@ class ShimConfig:
     gid: int
     cgroup_join_file: str     # the init writes "0" here to move itself in
     starter: str = "exec"     # "exec": run argv; "stub": become the restore stub
+    domainname: str = ""      # set in the new UTS namespace when not empty
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -110,6 +111,8 @@ def enter_container(cfg: ShimConfig) -> None:
     make_mounts_private()
     mount_proc()
     set_hostname(cfg.hostname)
+    if cfg.domainname:
+        set_domainname(cfg.domainname)
     if cfg.new_net:
         netdev.set_link_up("lo")
 

@@ -27,7 +27,7 @@ from ckptd.image import ImageWriter, new_header
 from ckptd.image.registry import RecordType
 from ckptd.kernel import freezer as freezer_mod
 from ckptd.kernel.cgroupfs import Freezer
-from ckptd.kernel import procfs, proctask, ptrace, sysnr
+from ckptd.kernel import namespaces, procfs, proctask, ptrace, sysnr
 from ckptd.v1 import image_pb2
 
 log = structlog.get_logger(__name__)
@@ -312,12 +312,11 @@ def _ns_pid(pid: int) -> int:
 
 def _origin(pid: int, source: dict[str, Any], mm: image_pb2.Mm) -> image_pb2.Origin:
     kind = source.get("kind") or "host"
-    hostname = source.get("hostname") or (os.uname().nodename if kind == "host" else "")
     try:
-        with open("/proc/sys/kernel/domainname") as f:
-            domain = f.read().strip()
+        # What the task sees now: it may have renamed its host since it started.
+        hostname, domain = namespaces.uts_names(pid)
     except OSError:
-        domain = ""
+        hostname, domain = source.get("hostname") or "", ""
     return image_pb2.Origin(kind=kind, container_id=source.get("container_id") or "",
                             container_name=source.get("container_name") or "",
                             hostname=hostname, domainname=domain,

@@ -277,6 +277,8 @@ class RestoreSession:
     def finish(self) -> Restored:
         assert self.tracee is not None and self.base is not None
         meta, task, th = self.meta, self.meta.task, self.meta.task.threads[0]
+        # Syscalls run inside the task name it by its pid in its own namespace.
+        inside = _ns_pid(self.pid)
         b = Batch(self.tracee.tramp + DATA_AT)
         table = self.table
         exe_fd = table.open(b, b.cstr(meta.mm.exe), os.O_RDONLY | os.O_CLOEXEC,
@@ -290,12 +292,12 @@ class RestoreSession:
         signals.restore_sigactions(b, task)
         signals.restore_altstack(b, th.sigaltstack)
         timers.restore_itimers(b, task)
-        timers.restore_posix_timers(b, task, self.pid)
+        timers.restore_posix_timers(b, task, inside)
         rlimits.restore_rlimits(b, task, proctask.read_limits(self.pid))
         identity.restore_session(b, task, self.pid)
         identity.restore_task_attrs(b, task, pdeathsig=not self.our_child)
         identity.restore_thread_attrs(b, th)
-        signals.restore_pending(b, task, self.pid, self.pid)
+        signals.restore_pending(b, task, inside, inside)
         cur_bnd = int(procfs.read_status(self.pid)["CapBnd"], 16)
         creds.restore_creds(b, th.creds, cur_bnd)
         identity.restore_late_attrs(b, task, th)

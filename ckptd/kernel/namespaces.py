@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import threading
 from pathlib import Path
 
 from ckptd.kernel import syscalls
@@ -66,3 +67,39 @@ def mount_proc(target: str = "/proc") -> None:
 
 def set_hostname(name: str) -> None:
     socket.sethostname(name)
+
+
+def set_domainname(name: str) -> None:
+    """The NIS domain name of the caller's UTS namespace (what a restored
+    container had); the sysctl file is the UTS namespace's own."""
+    with open("/proc/sys/kernel/domainname", "w") as f:
+        f.write(name)
+
+
+def uts_names(pid: int) -> tuple[str, str]:
+    """(hostname, domainname) as seen inside ``pid``'s UTS namespace.
+
+    Read by a short-lived thread that joins that namespace: setns of a UTS
+    namespace changes only the calling thread, so the rest of the process
+    (and a ptrace attachment held by another thread) is untouched."""
+    result: list[tuple[str, str]] = []
+    failure: list[OSError] = []
+
+    def peek() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                syscalls.setns(fd, Namespace.UTS.clone_flag)
+            finally:
+                os.close(fd)
+            with open("/proc/sys/kernel/domainname") as f:
+                domain = f.read().strip()
+            result.append((os.uname().nodename, "" if domain == "(none)" else domain))
+        except OSError as e:
+            failure.append(e)
+    thread = threading.Thread(target=peek, name="uts-peek")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]

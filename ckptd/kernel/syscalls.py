@@ -43,6 +43,11 @@ def unshare(flags: int) -> None:
         raise _fail("unshare", f"flags={flags:#x}")
 
 
+def setns(fd: int, nstype: int) -> None:
+    if _libc().setns(fd, nstype) != 0:
+        raise _fail("setns", fd)
+
+
 def mount(source: str | None, target: str, fstype: str | None, flags: int,
           data: str | None = None) -> None:
     libc = _libc()

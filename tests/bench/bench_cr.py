@@ -125,8 +125,6 @@ def main() -> None:
     d = Daemon(root)
     d.start()
     try:
-        cases = [("sleep", lambda ctrdir: ["sleep", "1000"], lambda ctr: None)]
-
         def mem_argv(ctrdir: Path) -> list[str]:
             return [str(mem), str(ctrdir), str(args.mib)]
 

@@ -191,3 +191,58 @@ def test_host_process_by_pid(daemon: Daemon, tmp_short: Path) -> None:
             proc.wait()
         if not pid_gone(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_uts_names_come_back(daemon: Daemon, tmp_short: Path) -> None:
+    from ckptd.kernel.namespaces import uts_names
+    with daemon.client() as c:
+        ctr = c.run(["sh", "-c", "echo renamed > /proc/sys/kernel/hostname; "
+                     "echo example.org > /proc/sys/kernel/domainname; exec sleep 1000"],
+                    hostname="first", network="new")
+        wait_for(lambda: uts_names(ctr.init_pid)[0] == "renamed"
+                 and Path(f"/proc/{ctr.init_pid}/cmdline").read_bytes().startswith(b"sleep"),
+                 5, "the container to rename itself")
+        image = b"".join(c.checkpoint(ctr.id))
+        new = c.restart(iter([image]))
+        assert uts_names(new.init_pid) == ("renamed", "example.org")
+        assert os.readlink(f"/proc/{new.init_pid}/ns/net") != os.readlink("/proc/self/ns/net"), \
+            "a container that had its own network namespace gets a new one"
+        c.delete(new.id, force=True)
+
+
+@pytest.mark.parametrize("name", ["signals", "timers", "files", "memory", "regs",
+                                  "limits_creds", "seccomp_rseq"])
+def test_workload_in_a_container(daemon: Daemon, tmp_short: Path, name: str) -> None:
+    """A self-checking workload run by the daemon, checkpointed (killed) and
+    restarted through the RPCs, then told to verify itself."""
+    from workloads.workloads import build
+    wdir = tmp_short / name
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build(name)), str(wdir)], cwd=str(wdir))
+        wait_for(lambda: (wdir / "ready").exists(), 20, f"{name} to be ready")
+        image = b"".join(c.checkpoint(ctr.id))
+        new = c.restart(iter([image]))
+        (wdir / "go").touch()
+        result = wait_for(lambda: (wdir / "result").exists() and (wdir / "result").read_text(),
+                          20, f"{name} to verify itself")
+        assert result.strip() == "PASS", result + b"".join(c.logs(new.id)).decode()
+        for x in (new.id, ctr.id):
+            c.delete(x, force=True)
+
+
+def test_workload_after_leave_running(daemon: Daemon, tmp_short: Path) -> None:
+    """--leave-running: the workload verifies itself in the same process after
+    a checkpoint and finds nothing disturbed."""
+    from workloads.workloads import build
+    wdir = tmp_short / "sig"
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build("signals")), str(wdir)], cwd=str(wdir))
+        wait_for(lambda: (wdir / "ready").exists(), 20, "ready")
+        assert b"".join(c.checkpoint(ctr.id, leave_running=True)).startswith(b"CKPTIMG")
+        (wdir / "go").touch()
+        result = wait_for(lambda: (wdir / "result").exists() and (wdir / "result").read_text(),
+                          20, "the verdict")
+        assert result.strip() == "PASS", result
+        c.delete(ctr.id, force=True)
