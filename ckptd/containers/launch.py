@@ -2,15 +2,20 @@
 
 ``start_shim`` returns once the init has exec'd (or raises after reaping the
 shim if it did not). Reaping a shim that started is the ShimReaper's job.
+Starting Python and importing the shim costs ~65 ms, most of a container's
+start, so ``ShimPool`` keeps one shim started ahead, blocked reading its
+config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +41,73 @@ class Started:
     init_start_time: int
 
 
-def start_shim(cfg: ShimConfig, shim_log: Path, module: str = SHIM_MODULE,
+def spawn_shim(module: str = SHIM_MODULE) -> subprocess.Popen[bytes]:
+    """A shim process, waiting for its config on stdin. Its stderr is ours
+    until it reads the config, which names the container's shim log."""
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            close_fds=True, start_new_session=True, cwd="/",
+        )
+    except OSError as e:
+        raise SystemError_(f"cannot start the container shim: {e}") from e
+
+
+class ShimPool:
+    """Hands out shims, keeping one started ahead of need."""
+
+    def __init__(self, module: str = SHIM_MODULE) -> None:
+        self._module = module
+        self._lock = threading.Lock()
+        self._ready: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        threading.Thread(target=self._refill, name="shim-refill", daemon=True).start()
+
+    def take(self) -> subprocess.Popen[bytes]:
+        with self._lock:
+            proc, self._ready = self._ready, None
+        if proc is None or proc.poll() is not None:
+            proc = spawn_shim(self._module)
+        threading.Thread(target=self._refill, name="shim-refill", daemon=True).start()
+        return proc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            proc, self._ready = self._ready, None
+        if proc is not None:
+            _discard(proc)
+
+    def _refill(self) -> None:
+        try:
+            proc = spawn_shim(self._module)
+        except SystemError_:
+            return  # the next take() spawns one itself and reports the error
+        with self._lock:
+            if self._closed or self._ready is not None:
+                spare = proc
+            else:
+                self._ready, spare = proc, None
+        if spare is not None:
+            _discard(spare)
+
+
+def _discard(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
+def start_shim(cfg: ShimConfig, shim_log: Path, pool: ShimPool | None = None,
                timeout: float = SHIM_REPORT_TIMEOUT) -> Started:
     """Start the shim for ``cfg``. UsageError if the command could not be
     started for a reason the caller can fix, SystemError_/TimeoutError_ else."""
-    try:
-        with open(shim_log, "ab") as errors:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                close_fds=True, start_new_session=True, cwd="/",
-            )
-    except OSError as e:
-        raise SystemError_(f"cannot start the container shim: {e}") from e
+    proc = pool.take() if pool is not None else spawn_shim()
     assert proc.stdin is not None and proc.stdout is not None
+    cfg = dataclasses.replace(cfg, shim_log=str(shim_log))
     try:
         # Our child, not yet reaped: its pid cannot have been reused.
         shim_start_time = process.start_time(proc.pid)

@@ -85,6 +85,7 @@ class ContainerManager:
         self._backends: dict[str, Freezer] = {self._freezer.name: self._freezer}
         self._registry = Registry()
         self._reaper = ShimReaper()
+        self._shims = launch.ShimPool()
         log.info("container_manager_ready", state_dir=str(self.state_dir),
                  backend=self.backend_name, cgroup_root=str(self.cgroup_root_path))
 
@@ -161,7 +162,7 @@ class ContainerManager:
             self._save(record)   # before the shim: a crash from here on leaves a trace
             try:
                 started = launch.start_shim(self._shim_config(record, freezer, starter),
-                                            cdir.shim_log)
+                                            cdir.shim_log, self._shims)
             except errors.CkptdError as e:
                 log.info("container_start_failed", container=cid, error=str(e))
                 raise
@@ -370,6 +371,7 @@ class ContainerManager:
 
     def close(self) -> None:
         """Stop background threads. Containers keep running."""
+        self._shims.close()
         self._reaper.close()
 
     # --- helpers ---------------------------------------------------------

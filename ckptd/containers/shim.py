@@ -65,6 +65,7 @@ class ShimConfig:
     cgroup_join_file: str     # the init writes "0" here to move itself in
     starter: str = "exec"     # "exec": run argv; "stub": become the restore stub
     domainname: str = ""      # set in the new UTS namespace when not empty
+    shim_log: str = ""        # the shim's stderr from reading its config on
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -307,7 +308,16 @@ def _copy(master: int, log_fd: int) -> int | None:
 
 
 def main() -> int:
-    cfg = ShimConfig.from_json(sys.stdin.read())
+    text = sys.stdin.read()
+    if not text:
+        return 0   # a spare shim whose daemon went away: nothing to run
+    cfg = ShimConfig.from_json(text)
+    if cfg.shim_log:
+        # Started ahead of time with the daemon's stderr: from here on its
+        # messages belong to this container's post-mortem log.
+        err = os.open(cfg.shim_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.dup2(err, 2)
+        os.close(err)
     devnull = os.open(os.devnull, os.O_RDWR)
     report_fd = os.dup(1)       # close-on-exec: the init must not hold the daemon's pipe
     os.dup2(devnull, 0)
