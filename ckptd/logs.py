@@ -4,13 +4,13 @@ JSON lines when stdout is not a terminal (systemd's journal, files, pipes),
 coloured console lines on a terminal. Per-request context (operation id,
 method, caller, container) is bound with contextvars so every event emitted
 while serving a call carries it. An engine worker logs to its stderr (the
-daemon's log) in the daemon's format, with the context of the call that
-started it: ``child_env()`` passes both on, ``configure_from_env()`` takes them.
+daemon's log) in the daemon's format: ``child_env()`` passes level and format
+on, ``configure_from_env()`` takes them. (The call's context travels in the
+worker's request, as a worker may be started before the call.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -43,7 +43,7 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
     )
 
 
-LEVEL_ENV, FORMAT_ENV, CONTEXT_ENV = "CKPTD_LOG_LEVEL", "CKPTD_LOG_FORMAT", "CKPTD_LOG_CONTEXT"
+LEVEL_ENV, FORMAT_ENV = "CKPTD_LOG_LEVEL", "CKPTD_LOG_FORMAT"
 _current = {"level": "info", "format": "auto"}
 
 
@@ -56,11 +56,8 @@ def configure_daemon(level: str, fmt: str) -> None:
 
 
 def child_env() -> dict[str, str]:
-    """Environment for a worker: our level, format and the bound context."""
-    context = {k: v for k, v in structlog.contextvars.get_contextvars().items()
-               if isinstance(v, (str, int, float, bool))}
-    return {LEVEL_ENV: _current["level"], FORMAT_ENV: _current["format"],
-            CONTEXT_ENV: json.dumps(context)}
+    """Environment for a worker: our level and format."""
+    return {LEVEL_ENV: _current["level"], FORMAT_ENV: _current["format"]}
 
 
 def configure_from_env() -> None:
@@ -68,9 +65,3 @@ def configure_from_env() -> None:
     level = os.environ.get(LEVEL_ENV, "info")
     fmt = os.environ.get(FORMAT_ENV, "auto")
     configure(level if level in LEVELS else "info", fmt if fmt in FORMATS else "auto", sys.stderr)
-    try:
-        context = json.loads(os.environ.get(CONTEXT_ENV, "{}"))
-    except ValueError:
-        context = {}   # a malformed context only costs the worker its tags
-    if isinstance(context, dict):
-        structlog.contextvars.bind_contextvars(**context)

@@ -20,7 +20,7 @@ from ckptd import errors
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import State
 from ckptd.containers.operations import Kind, Operations
-from ckptd.containers.worker import Worker, error_from
+from ckptd.containers.worker import Worker, WorkerPool, error_from
 from ckptd.kernel import procfs
 
 log = structlog.get_logger(__name__)
@@ -38,14 +38,14 @@ class Target:
     pid: int = 0
 
 
-def checkpoint(manager: ContainerManager, operations: Operations, target: Target,
-               leave_running: bool) -> Iterator[bytes]:
+def checkpoint(manager: ContainerManager, operations: Operations, workers: WorkerPool,
+               target: Target, leave_running: bool) -> Iterator[bytes]:
     """Image bytes, in chunks, as the engine produces them."""
     request, container_id = _request(manager, target)
     with operations.track(Kind.CHECKPOINT, container_id or f"pid:{target.pid}") as op, \
-            Worker(image_in=False) as worker:
+            workers.take(image_in=False) as worker:
         op.update(phase="starting the engine")
-        worker.send(request)
+        worker.request(request)
         sent = 0
         dumped: dict[str, Any] | None = None
         finished = False

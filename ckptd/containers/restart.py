@@ -23,22 +23,22 @@ from ckptd import errors
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import ContainerInfo, Network
 from ckptd.containers.operations import Kind, Operations
-from ckptd.containers.worker import Worker, error_from
+from ckptd.containers.worker import Worker, WorkerPool, error_from
 
 log = structlog.get_logger(__name__)
 
 RESTORE_TIMEOUT = 300.0   # seconds between two messages of a restoring worker
 
 
-def restart(manager: ContainerManager, operations: Operations, chunks: Iterator[bytes], *,
-            name: str = "", owner_uid: int = 0) -> ContainerInfo:
-    with operations.track(Kind.RESTART, "") as op, Worker(image_in=True) as worker, \
+def restart(manager: ContainerManager, operations: Operations, workers: WorkerPool,
+            chunks: Iterator[bytes], *, name: str = "", owner_uid: int = 0) -> ContainerInfo:
+    with operations.track(Kind.RESTART, "") as op, workers.take(image_in=True) as worker, \
             contextlib.ExitStack() as undo:
         op.update(phase="receiving the image")
         feeder = _Feeder(worker, chunks, op)
         feeder.start()
         undo.callback(feeder.stop)
-        worker.send({"op": "restore", "target": "container"})
+        worker.request({"op": "restore", "target": "container"})
         container: ContainerInfo | None = None
         while True:
             message = _next(worker, feeder)

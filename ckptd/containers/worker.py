@@ -2,7 +2,9 @@
 
 Every checkpoint or restore runs in its own ``python -m ckptd.engine.worker``:
 ptrace belongs to the thread that attached, and a crash in the engine must
-not take the daemon down. The worker speaks newline-delimited JSON on a unix
+not take the daemon down. Starting Python and importing the engine costs
+~200 ms, more than a whole checkpoint of a small process, so ``WorkerPool``
+keeps one worker started ahead, waiting for its request. The worker speaks newline-delimited JSON on a unix
 socket whose fd number it finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout (checkpoint) or stdin (restore).
 Closing the handle kills a worker that is still running and reaps it.
 """
@@ -15,6 +17,7 @@ import selectors
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,22 +54,23 @@ def error_from(report: dict[str, Any]) -> errors.CkptdError:
 
 
 class Worker:
-    """One engine worker; use as a context manager."""
+    """One engine worker; use as a context manager. Started with both image
+    pipes; ``use()`` keeps the one the operation needs."""
 
-    def __init__(self, *, image_in: bool) -> None:
+    def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.control = ours
         self._buffer = b""
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", WORKER_MODULE],
-                stdin=subprocess.PIPE if image_in else subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL if image_in else subprocess.PIPE,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=None,   # the worker's own log lines go where ours go
                 # No preexec_fn to move it to fd 3: forking a threaded
                 # daemon must not run Python in the child. Its number is passed.
                 pass_fds=(theirs.fileno(),), close_fds=True,
                 env={**os.environ, **logs.child_env(), CONTROL_FD_ENV: str(theirs.fileno())},
+                start_new_session=True,   # a Ctrl-C to a foreground daemon is not for it
             )
         except OSError as e:
             ours.close()
@@ -75,11 +79,32 @@ class Worker:
             theirs.close()
         log.debug("worker_started", worker_pid=self.proc.pid)
 
+    def use(self, *, image_in: bool) -> Worker:
+        """Close our end of the pipe this operation does not use."""
+        unused = self.proc.stdout if image_in else self.proc.stdin
+        assert unused is not None
+        unused.close()
+        if image_in:
+            self.proc.stdout = None
+        else:
+            self.proc.stdin = None
+        return self
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def __enter__(self) -> Worker:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def request(self, message: dict[str, Any]) -> None:
+        """The operation's first message, with the log context of the call
+        (a worker started ahead of time could not inherit it)."""
+        context = {k: v for k, v in structlog.contextvars.get_contextvars().items()
+                   if isinstance(v, (str, int, float, bool))}
+        self.send({**message, "log_context": context})
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -159,3 +184,44 @@ class Worker:
             return "it is still running"
         return f"it exited with status {code}"
 
+
+
+class WorkerPool:
+    """Hands out engine workers, keeping one started ahead of need."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: Worker | None = None
+        self._closed = False
+        self._refill()
+
+    def take(self, *, image_in: bool) -> Worker:
+        with self._lock:
+            worker, self._ready = self._ready, None
+        if worker is None or not worker.alive():
+            if worker is not None:
+                worker.close()
+            worker = Worker()
+        threading.Thread(target=self._refill, name="worker-refill", daemon=True).start()
+        return worker.use(image_in=image_in)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            worker, self._ready = self._ready, None
+        if worker is not None:
+            worker.close()
+
+    def _refill(self) -> None:
+        try:
+            worker = Worker()
+        except errors.CkptdError as e:
+            log.warning("worker_prestart_failed", error=str(e))
+            return  # the next take() starts one itself and reports the error
+        with self._lock:
+            if self._closed or self._ready is not None:
+                spare = worker
+            else:
+                self._ready, spare = worker, None
+        if spare is not None:
+            spare.close()

@@ -147,6 +147,9 @@ def main() -> int:
         req = ctl.receive()
         if req is None:
             return 1
+        context = req.get("log_context")
+        if isinstance(context, dict):
+            structlog.contextvars.bind_contextvars(**context)
         op = req.get("op")
         if op == "checkpoint":
             run_checkpoint(ctl, req)

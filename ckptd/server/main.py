@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from ckptd import __version__, logs
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.operations import Operations
+from ckptd.containers.worker import WorkerPool
 from ckptd.errors import CkptdError
 from ckptd.kernel.process import set_child_subreaper
 from ckptd.server import config as configuration
@@ -62,6 +63,7 @@ class Daemon:
         self.operations = Operations()
         self.private_dir = cfg.state_dir / "run"
         self.manager: ContainerManager | None = None
+        self.workers: WorkerPool | None = None
         self.server: grpc.Server | None = None
         self.front: UnixFront | None = None
         self.stopped = threading.Event()
@@ -74,6 +76,7 @@ class Daemon:
         set_child_subreaper()
         self.manager = ContainerManager(cfg.state_dir, cfg.cgroup_root, freezer=cfg.freezer)
         recovered = self.manager.recover()
+        self.workers = WorkerPool()
         log.info("containers_recovered", count=len(recovered),
                  running=sum(1 for c in recovered if c.state.value in ("running", "frozen")))
 
@@ -83,7 +86,7 @@ class Daemon:
                              options=options)
         info = daemon_info(self.manager, str(cfg.state_dir), cfg.cgroup_root)
         api_pb2_grpc.add_CkptdServicer_to_server(
-            Servicer(self.manager, self.operations, self.peers, info), server)
+            Servicer(self.manager, self.operations, self.workers, self.peers, info), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -122,6 +125,8 @@ class Daemon:
             self.front.stop()
         if self.server is not None:
             self.server.stop(SHUTDOWN_GRACE).wait()
+        if self.workers is not None:
+            self.workers.close()
         if self.manager is not None:
             self.manager.close()
         (self.private_dir / "grpc.sock").unlink(missing_ok=True)

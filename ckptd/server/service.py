@@ -25,6 +25,7 @@ from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import ContainerInfo, Network, RunSpec, State
 from ckptd.containers.operations import Kind, OperationInfo, Operations
 from ckptd.containers.restart import restart
+from ckptd.containers.worker import WorkerPool
 from ckptd.errors import PermissionError_, UnsupportedError, UsageError
 from ckptd.server.auth import Peer, PeerTable
 from ckptd.server.errors import status_of
@@ -150,9 +151,10 @@ def _rpc(stream: bool = False) -> Callable:
 
 
 class Servicer(api_pb2_grpc.CkptdServicer):
-    def __init__(self, manager: ContainerManager, operations: Operations, peers: PeerTable,
-                 daemon_info: pb.DaemonInfo) -> None:
+    def __init__(self, manager: ContainerManager, operations: Operations, workers: WorkerPool,
+                 peers: PeerTable, daemon_info: pb.DaemonInfo) -> None:
         self.manager = manager
+        self.workers = workers
         self.operations = operations
         self.peers = peers
         self.daemon_info = daemon_info
@@ -255,7 +257,8 @@ class Servicer(api_pb2_grpc.CkptdServicer):
             target = Target(pid=request.pid)
         else:
             raise UsageError("checkpoint needs a container id or a pid")
-        for chunk in checkpoint(self.manager, self.operations, target, request.leave_running):
+        for chunk in checkpoint(self.manager, self.operations, self.workers, target,
+                                request.leave_running):
             yield pb.ImageChunk(data=chunk)
 
     @_rpc()
@@ -268,8 +271,8 @@ class Servicer(api_pb2_grpc.CkptdServicer):
         if first is None or first.WhichOneof("part") != "options":
             raise UsageError("a restart stream starts with its options message")
         chunks = (part.data for part in request_iterator if part.WhichOneof("part") == "data")
-        info = restart(self.manager, self.operations, chunks, name=first.options.name,
-                       owner_uid=caller.uid)
+        info = restart(self.manager, self.operations, self.workers, chunks,
+                       name=first.options.name, owner_uid=caller.uid)
         structlog.contextvars.bind_contextvars(container=info.id)
         return container_message(info)
 

@@ -136,7 +136,7 @@ def main() -> None:
             for label in ("sleep", f"{args.mib} MiB"):
                 rows = []
                 for i in range(args.repeat):
-                    ctrdir = root / f"w{i}-{label.replace(' ', '')}"
+                    ctrdir = root / f"w{i}-{label.replace(' ', '')}-{directory.name}"
                     ctrdir.mkdir()
                     if label == "sleep":
                         rows.append(one_round(d, ["sleep", "1000"], lambda c: None, directory, "sleep"))
