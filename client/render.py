@@ -115,6 +115,9 @@ def when(ts: Timestamp, now: float | None = None) -> str:
 
 def command_text(argv: Iterable[str], width: int | None = None) -> str:
     text = shlex.join(list(argv))
+    if width is not None:
+        # One table row per container, whatever the command's quoted newlines.
+        text = " ".join(text.split())
     if width is not None and len(text) > width:
         text = text[: width - 3] + "..."
     return text

@@ -140,3 +140,9 @@ def test_progress_of_an_operation() -> None:
                                               bytes_total=4 * 2**20))
     progress.finish()
     assert out.getvalue() == "\rmigrate: sending image  1.0M of 4.0M (25%)\x1b[K\n"
+
+
+def test_command_column_stays_on_one_line() -> None:
+    from ckptd_client.render import command_text
+    text = command_text(["python3", "-c", "import time\nwhile 1:\n    time.sleep(1)"], 40)
+    assert "\n" not in text and len(text) <= 40
