@@ -334,7 +334,7 @@ class ContainerManager:
             except ProcessLookupError:
                 ended = True   # it exited on its own meanwhile: nothing left to signal
             if ended:
-                status.wait_for_shim(record, status.EXIT_STATUS_GRACE)
+                status.wait_for_shim(record, status.EXIT_STATUS_GRACE, self._cdir(record))
                 if record.frozen_by_daemon:
                     self._update(entry, dataclasses.replace(record, frozen_by_daemon=False))
             return self._info(entry.record)
@@ -361,7 +361,7 @@ class ContainerManager:
                                      "processes remain in its cgroup; use force")
                 self._kill_all(record, None)
             # The shim writes exit.json into the directory we are about to remove.
-            status.wait_for_shim(record, status.EXIT_STATUS_GRACE)
+            status.wait_for_shim(record, status.EXIT_STATUS_GRACE, self._cdir(record))
             with kernel_call("removing the container cgroup"):
                 freezer.remove(path, CGROUP_REMOVE_WAIT)
             with kernel_call("removing the container directory"):

@@ -52,16 +52,20 @@ class ShimReaper:
 
         def exited() -> None:
             try:
-                result = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+                # Look without reaping: exit.json must exist before the pid is
+                # gone, or a reader could see neither process nor status.
+                result = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 log.warning("adopted_process_not_ours", pid=pid)
                 return
             if result is None:
                 return
-            code = (result.si_status if result.si_code == os.CLD_EXITED
-                    else None)
+            code = result.si_status if result.si_code == os.CLD_EXITED else None
             sig = None if code is not None else result.si_status
-            on_status(ExitStatus(exit_code=code, exit_signal=sig, exited_at=time.time()))
+            try:
+                on_status(ExitStatus(exit_code=code, exit_signal=sig, exited_at=time.time()))
+            finally:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
         self._add(fd, exited)
 
     def close(self) -> None:

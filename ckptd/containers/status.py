@@ -8,6 +8,7 @@ still finishing up a moment to write exit.json).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,13 @@ import psutil
 
 from ckptd.containers.model import ContainerInfo, State
 from ckptd.containers.records import ContainerDir, ExitStatus, Record, load_exit_status
-from ckptd.kernel import process
+from ckptd.kernel import process, procfs
 from ckptd.kernel.cgroupfs import Freezer, FreezerState
 
 # The shim writes exit.json right after reaping the init; this only covers
 # that gap (and a pty drain), never a real wait.
 EXIT_STATUS_GRACE = 2.0
+ZOMBIE_POLL = 0.005   # the daemon's reaper thread needs well under a millisecond
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def observe(record: Record, cdir: ContainerDir, freezer: Freezer,
     if process.is_running(record.init_pid, record.init_start_time):
         frozen = cgroup_state(freezer, Path(record.cgroup_path)) == FreezerState.FROZEN
         return Observed(State.FROZEN if frozen else State.RUNNING)
-    wait_for_shim(record, grace)
+    wait_for_shim(record, grace, cdir)
     if (status := load_exit_status(cdir)) is not None:
         return Observed(State.EXITED, status)
     return Observed(State.LOST, note=(
@@ -47,16 +49,33 @@ def observe(record: Record, cdir: ContainerDir, freezer: Freezer,
         "(its shim was killed, or the machine rebooted)"))
 
 
-def wait_for_shim(record: Record, timeout: float) -> bool:
+def wait_for_shim(record: Record, timeout: float, cdir: ContainerDir | None = None) -> bool:
     """Wait until the container's shim has exited (it writes exit.json just
-    before). False if it is still running after ``timeout``."""
+    before). False if it is still running after ``timeout``. A process
+    without a shim (restored in the host PID namespace) is reaped by the
+    daemon, which writes exit.json before reaping: wait while it is a zombie."""
     if record.shim_pid == 0:
+        if cdir is None or not record.init_pid:
+            return True
+        deadline = time.monotonic() + timeout
+        while not cdir.exit_status.exists() and _zombie(record):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(ZOMBIE_POLL)
         return True
     try:
         with process.pidfd(record.shim_pid, record.shim_start_time) as fd:
             return process.wait_exit(fd, timeout)
     except ProcessLookupError:
         return True   # gone already (or its pid reused, which means gone too)
+
+
+def _zombie(record: Record) -> bool:
+    try:
+        stat = procfs.read_stat(record.init_pid)
+    except ProcessLookupError:
+        return False
+    return stat.start_time == record.init_start_time and stat.is_zombie
 
 
 def cgroup_state(freezer: Freezer, path: Path) -> FreezerState | None:
