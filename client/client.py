@@ -23,7 +23,8 @@ from ckptd.v1 import api_pb2, api_pb2_grpc
 from .address import Address, TlsFiles, default_address, open_channel, parse_address
 from .errors import ClientError, Internal, InvalidArgument, from_rpc_error
 from .transfer import (
-    PathOrFile, ProgressFn, atomic_output, counted, is_path, read_chunks, rechunk, write_chunks,
+    PathOrFile, ProgressFn, atomic_output, counted, image_chunk_data, is_path, read_chunks,
+    rechunk, restart_data, restart_request_bytes, write_chunks,
 )
 
 Container = api_pb2.Container
@@ -75,6 +76,16 @@ class Client:
             self.address, TlsFiles(tls_cert, tls_key, tls_ca), insecure=insecure
         )
         self._stub = api_pb2_grpc.CkptdStub(self._channel)
+        # The image streams, with (de)serializers that skip protobuf objects
+        # for the image bytes (see transfer.py); the same messages on the wire.
+        service = f"/{api_pb2.DESCRIPTOR.services_by_name['Ckptd'].full_name}"
+        self._checkpoint = self._channel.unary_stream(
+            f"{service}/Checkpoint",
+            request_serializer=api_pb2.CheckpointRequest.SerializeToString,
+            response_deserializer=image_chunk_data)
+        self._restart = self._channel.stream_unary(
+            f"{service}/Restart", request_serializer=restart_request_bytes,
+            response_deserializer=api_pb2.Container.FromString)
 
     # -- connection -----------------------------------------------------------
 
@@ -181,7 +192,7 @@ class Client:
         """The container's output, as it comes; ``follow`` waits for more until
         it exits. Closing the iterator ends the call."""
         request = api_pb2.LogsRequest(id=_required(ref), follow=follow)
-        return self._data_stream(self._stub.Logs, request)
+        return self._data_stream(self._stub.Logs, request, data=lambda m: m.data)
 
     # -- checkpoint / restart -------------------------------------------------
 
@@ -191,15 +202,8 @@ class Client:
         """Checkpoint container ``ref`` or host process tree ``pid``, yielding the
         image as the daemon produces it. Closing the iterator early cancels the
         checkpoint (the daemon then leaves the target running)."""
-        if (ref is None) == (pid is None):
-            raise InvalidArgument("checkpoint needs exactly one of a container and a pid")
-        if ref is not None:
-            request = api_pb2.CheckpointRequest(id=_required(ref), leave_running=leave_running)
-        else:
-            if pid is None or pid <= 0:
-                raise InvalidArgument(f"bad pid {pid}")
-            request = api_pb2.CheckpointRequest(pid=pid, leave_running=leave_running)
-        return self._data_stream(self._stub.Checkpoint, request)
+        return self._data_stream(self._checkpoint, _checkpoint_request(ref, pid, leave_running),
+                                 data=bytes)
 
     def checkpoint_to_file(
         self,
@@ -212,7 +216,9 @@ class Client:
     ) -> int:
         """Checkpoint into ``dest`` (a path, or a binary file left open); returns
         the image size. A path gets the image only if all of it arrived."""
-        stream = self.checkpoint(ref, pid=pid, leave_running=leave_running)
+        # The chunks as views of what gRPC received: written out without a copy.
+        stream = self._data_stream(self._checkpoint,
+                                   _checkpoint_request(ref, pid, leave_running), data=None)
         # closing(): if writing fails (disk full, broken pipe), cancel the call
         # at once so that the daemon abandons the checkpoint.
         with contextlib.closing(stream):
@@ -233,11 +239,11 @@ class Client:
         holder: builtins.list[grpc.Future] = []
         started = threading.Event()
 
-        def requests() -> Iterator[api_pb2.RestartRequest]:
+        def requests() -> Iterator[api_pb2.RestartRequest | bytes]:
             yield api_pb2.RestartRequest(options=options)
             try:
                 for chunk in rechunk(chunks):
-                    yield api_pb2.RestartRequest(data=chunk)
+                    yield restart_data(chunk)   # a serialized RestartRequest
             except Exception as e:  # noqa: BLE001 - re-raised on the caller's thread
                 # grpc reads this iterator on its own thread and would only log
                 # the error; cancel the call so the daemon never sees a clean
@@ -247,7 +253,7 @@ class Client:
                 started.wait()
                 holder[0].cancel()
 
-        future = self._stub.Restart.future(requests())
+        future = self._restart.future(requests())
         holder.append(future)
         started.set()
         try:
@@ -310,12 +316,14 @@ class Client:
         except grpc.RpcError as e:
             raise self._error(e, deadline) from e
 
-    def _data_stream(self, method: Any, request: Any) -> Generator[bytes, None, None]:
-        """The ``data`` of each message of a server stream (LogChunk, ImageChunk)."""
+    def _data_stream(self, method: Any, request: Any,
+                     data: Callable[[Any], Any] | None) -> Generator[Any, None, None]:
+        """``data(message)`` of each message of a server stream (the message
+        itself if ``data`` is None)."""
         call = method(request)
         try:
             for message in call:
-                yield message.data
+                yield message if data is None else data(message)
         except grpc.RpcError as e:
             raise self._error(e, None) from e
         finally:
@@ -352,6 +360,17 @@ class Client:
             return  # progress is cosmetic: the Migrate call reports real failures
         if op is not None:
             progress(op)
+
+
+def _checkpoint_request(ref: str | None, pid: int | None,
+                        leave_running: bool) -> api_pb2.CheckpointRequest:
+    if (ref is None) == (pid is None):
+        raise InvalidArgument("checkpoint needs exactly one of a container and a pid")
+    if ref is not None:
+        return api_pb2.CheckpointRequest(id=_required(ref), leave_running=leave_running)
+    if pid is None or pid <= 0:
+        raise InvalidArgument(f"bad pid {pid}")
+    return api_pb2.CheckpointRequest(pid=pid, leave_running=leave_running)
 
 
 def _required(ref: str) -> str:

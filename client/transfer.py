@@ -15,6 +15,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, BinaryIO, Union
 
+from ckptd.image import decode_bytes_field, encode_bytes_field
+from ckptd.v1 import api_pb2
+
 # The size of the data chunks sent to Restart: the API asks for at most 1 MiB,
 # large enough that per-message overhead is negligible at disk speed.
 CHUNK_BYTES = 1024 * 1024
@@ -22,6 +25,28 @@ CHUNK_BYTES = 1024 * 1024
 # Progress callbacks receive the number of image bytes moved so far.
 ProgressFn = Callable[[int], None]
 PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
+
+
+# Field numbers of the image bytes in ImageChunk and RestartRequest.
+_CHUNK_DATA = api_pb2.ImageChunk.DESCRIPTOR.fields_by_name["data"].number
+_RESTART_DATA = api_pb2.RestartRequest.DESCRIPTOR.fields_by_name["data"].number
+
+
+def image_chunk_data(raw: bytes) -> bytes | memoryview:
+    """gRPC deserializer of ImageChunk straight to its data, a view of ``raw``
+    (a protobuf object would copy every chunk twice: parse, then ``.data``)."""
+    data = decode_bytes_field(raw, _CHUNK_DATA)
+    return data if data is not None else api_pb2.ImageChunk.FromString(raw).data
+
+
+def restart_request_bytes(request: api_pb2.RestartRequest | bytes) -> bytes:
+    """gRPC serializer of RestartRequest that passes ``restart_data`` through."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+def restart_data(chunk: bytes | memoryview) -> bytes:
+    """A serialized RestartRequest carrying ``chunk``, built with one copy."""
+    return encode_bytes_field(_RESTART_DATA, chunk)
 
 
 def rechunk(chunks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ fails, everything created is removed and the first error is reported.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -28,10 +29,16 @@ from ckptd.containers.worker import Worker, WorkerPool, error_from
 log = structlog.get_logger(__name__)
 
 RESTORE_TIMEOUT = 300.0   # seconds between two messages of a restoring worker
+# Uploaded chunks received ahead of the worker's pipe. gRPC takes the next
+# message from the client only when the stream is read: reading only when
+# the 1 MiB pipe had room made the upload and the engine take turns.
+RECEIVE_AHEAD = 8
+RECEIVE_AHEAD_POLL = 0.1   # seconds; how soon an abandoned receiver notices
 
 
 def restart(manager: ContainerManager, operations: Operations, workers: WorkerPool,
-            chunks: Iterator[bytes], *, name: str = "", owner_uid: int = 0) -> ContainerInfo:
+            chunks: Iterator[bytes | memoryview], *, name: str = "",
+            owner_uid: int = 0) -> ContainerInfo:
     with operations.track(Kind.RESTART, "") as op, workers.take(image_in=True) as worker, \
             contextlib.ExitStack() as undo:
         op.update(phase="receiving the image")
@@ -99,7 +106,7 @@ def _discard(manager: ContainerManager, cid: str) -> None:
 class _Feeder(threading.Thread):
     """Copies the uploaded chunks into the worker's stdin."""
 
-    def __init__(self, worker: Worker, chunks: Iterator[bytes], op) -> None:
+    def __init__(self, worker: Worker, chunks: Iterator[bytes | memoryview], op) -> None:
         super().__init__(name="restore-feeder", daemon=True)
         self.worker = worker
         self.chunks = chunks
@@ -112,7 +119,7 @@ class _Feeder(threading.Thread):
         assert pipe is not None
         received = 0
         try:
-            for chunk in self.chunks:
+            for chunk in _received_ahead(self.chunks, self._halt):
                 if self._halt.is_set():
                     return
                 pipe.write(chunk)
@@ -135,3 +142,45 @@ class _Feeder(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
+
+
+def _received_ahead(chunks: Iterator[bytes | memoryview],
+                    halt: threading.Event) -> Iterator[bytes | memoryview]:
+    """``chunks``, pulled up to RECEIVE_AHEAD ahead by a thread of their own;
+    their error is raised here. Stops pulling once ``halt`` is set or the
+    consumer is gone."""
+    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(RECEIVE_AHEAD)
+    gone = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not (gone.is_set() or halt.is_set()):
+            try:
+                ahead.put(item, timeout=RECEIVE_AHEAD_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def receive() -> None:
+        try:
+            for chunk in chunks:
+                if not put(("data", chunk)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(("failed", e))
+
+    receiver = threading.Thread(target=receive, name="restore-receiver", daemon=True)
+    receiver.start()
+    try:
+        while True:
+            kind, item = ahead.get()
+            if kind == "end":
+                return
+            if kind == "failed":
+                raise item
+            yield item
+    finally:
+        # Not joined: it may be waiting for a message that never comes (a
+        # stalled client); it ends at its next message or the call's end.
+        gone.set()

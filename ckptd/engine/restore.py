@@ -11,6 +11,7 @@ the mm fields, signals, timers, limits, identity, credentials and seccomp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -269,9 +270,30 @@ class RestoreSession:
         return gadget
 
     # -- pages --
+    @contextlib.contextmanager
+    def unpinned(self) -> Iterator[None]:
+        """Run on every CPU we may while pages are filled: that needs no ptrace
+        round trips, and pinned next to the task, the page writer thread
+        (started by the first fill, inheriting our CPUs) and the reading and
+        checksumming would share one core."""
+        pinned = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.own_affinity)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, pinned)
+
     def fill(self, rec: PageRecord) -> None:
         assert self.filler is not None
         self.filler.fill(rec)
+
+    def pages_filled(self) -> None:
+        """Wait for the last page write (raising its error), end the writer."""
+        assert self.filler is not None
+        try:
+            self.filler.flush()
+        finally:
+            self.filler.close()
 
     # -- the rest --
     def finish(self) -> Restored:
@@ -347,6 +369,8 @@ class RestoreSession:
 
     def abort(self) -> None:
         """Kill whatever was built; never raises."""
+        if self.filler is not None:
+            self.filler.close()   # before the tracee closes the fd it writes to
         files.unlink_all(self.temp_files)
         if self.tracee is not None:
             self.tracee.close()
@@ -378,6 +402,7 @@ def restore(reader: ImageReader, *, target: str = "host",
     answers the need message: None (host: we create the task), a stub pid, or
     the daemon's ``{"pid": ..., "log_path": ...}`` (container)."""
     started = time.monotonic()
+    reader.keep_pages(memory.FILL_AHEAD + 1)
     meta, records, first = read_metadata(reader)
     need = need_message(meta)
     answer = stub(need) if stub is not None else None
@@ -389,24 +414,29 @@ def restore(reader: ImageReader, *, target: str = "host",
         session.relocate_log(log_path)
         session.create_task(stub_pid)
         session.build()
-        done = 0
-        last = 0.0
-        if first is not None:
-            session.fill(first)
-            for rec in records:
-                if not isinstance(rec, PageRecord):
-                    raise ImageError(f"metadata record {rec.name} after page data",
-                                     offset=rec.offset, record=rec.name)
-                session.fill(rec)
-                done += rec.data.nbytes
-                now = time.monotonic()
-                if progress and now - last > 0.1:
-                    last = now
-                    progress("memory", reader.offset, 0)
+        with session.unpinned():
+            _fill_pages(session, reader, records, first, progress)
         return session.finish()
     except BaseException:
         session.abort()
         raise
+
+
+def _fill_pages(session: RestoreSession, reader: ImageReader, records: Iterator,
+                first: PageRecord | None, progress: Progress | None) -> None:
+    last = 0.0
+    if first is not None:
+        session.fill(first)
+        for rec in records:
+            if not isinstance(rec, PageRecord):
+                raise ImageError(f"metadata record {rec.name} after page data",
+                                 offset=rec.offset, record=rec.name)
+            session.fill(rec)
+            now = time.monotonic()
+            if progress and now - last > 0.1:
+                last = now
+                progress("memory", reader.offset, 0)
+    session.pages_filled()
 
 
 def _free_range(stub_vmas: list[proctask.SmapsVma], mm: image_pb2.Mm) -> int:

@@ -35,7 +35,8 @@ Public API::
     ckptd.image.inspect            inspect_image(stream), summarize(result)
 """
 
-from ckptd.image.chunks import CHUNK_SIZE, ChunkReader, ChunkSink, iter_chunks
+from ckptd.image.chunks import (CHUNK_SIZE, ChunkReader, ChunkSink, decode_bytes_field,
+                                encode_bytes_field, iter_chunks)
 from ckptd.image.format import FORMAT_VERSION, MAGIC, Compression
 from ckptd.image.header import new_header
 from ckptd.image.reader import ImageReader, MessageRecord, PageRecord, Record
@@ -45,5 +46,6 @@ from ckptd.image.writer import ImageWriter
 __all__ = [
     "CHUNK_SIZE", "ChunkReader", "ChunkSink", "Compression", "FORMAT_VERSION",
     "ImageReader", "ImageWriter", "MAGIC", "MessageRecord", "PageRecord", "Record",
-    "RecordType", "iter_chunks", "message_class", "new_header", "register",
+    "RecordType", "decode_bytes_field", "encode_bytes_field", "iter_chunks", "message_class",
+    "new_header", "register",
 ]

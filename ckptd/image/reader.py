@@ -1,7 +1,7 @@
 """ImageReader: the one reader of images, from a file or from gRPC chunks.
 
 Streaming with bounded memory: one record's payload at a time, in a buffer
-reused from record to record. Everything that can be wrong with the bytes is
+reused from record to record (or a few in turn, see ``keep_pages``). Everything that can be wrong with the bytes is
 an ``ImageError`` naming the record (``#index TYPE``) and the byte offset;
 anything else escaping from here is a bug.
 """
@@ -51,7 +51,8 @@ class MessageRecord:
 @dataclass(frozen=True)
 class PageRecord:
     """Raw page data. ``data`` is valid only until the next record is read
-    (the reader reuses its buffer); keep ``bytes(record.data)`` if needed."""
+    (the reader reuses its buffer; ``keep_pages`` makes that later); keep
+    ``bytes(record.data)`` if needed."""
 
     index: int
     type: int
@@ -82,8 +83,11 @@ class ImageReader:
         self._source = source
         self._readinto = getattr(source, "readinto", None)
         self._verify_digest = verify_digest
-        self._buf = bytearray(0)
-        self._handed_out: memoryview | None = None
+        # Payload buffers used in turn, one per record, and the page data
+        # handed out of each (released when its buffer is reused).
+        self._bufs = [bytearray(0)]
+        self._handed_out: list[memoryview | None] = [None]
+        self._slot = 0
         self._offset = 0
         self._index = 0
         self._digest = hashlib.sha256()
@@ -101,6 +105,21 @@ class ImageReader:
     def offset(self) -> int:
         """Bytes consumed so far."""
         return self._offset
+
+    @property
+    def _buf(self) -> bytearray:
+        """The payload buffer of the record being (or last) read."""
+        return self._bufs[self._slot]
+
+    def keep_pages(self, records: int) -> None:
+        """Keep each page record's data valid until ``records`` more records
+        have been read (default 1), so a consumer can write one record out
+        while the next is being read and checked. One buffer per record kept."""
+        if records < 1:
+            raise BugError(f"records must be kept for at least one read, not {records}")
+        while len(self._bufs) < records:
+            self._bufs.append(bytearray(0))
+            self._handed_out.append(None)
 
     def read_header(self) -> image_pb2.ImageHeader:
         """Read the preamble and the header record (once; later calls return it)."""
@@ -135,6 +154,7 @@ class ImageReader:
 
     def _next_record(self) -> Record | None:
         """The next body record, or None once the trailer has checked out."""
+        self._slot = (self._slot + 1) % len(self._bufs)
         self._release_handed_out()
         index, offset = self._index, self._offset
         header = self._read_record_header(index, offset)
@@ -224,7 +244,7 @@ class ImageReader:
         except ValueError as e:
             raise ImageError(str(e), offset=offset, record=where) from e
         self._page_bytes += data.nbytes
-        self._handed_out = data
+        self._handed_out[self._slot] = data
         return PageRecord(index, header.type, offset, header.length, header.flags,
                           vaddr, vma_id, data)
 
@@ -278,7 +298,7 @@ class ImageReader:
                 # view of the old one, and resizing an exported buffer fails.
                 grown = bytearray(min(length, max(2 * len(buf), _INITIAL_BUFFER)))
                 memoryview(grown)[:got] = memoryview(buf)[:got]
-                buf = self._buf = grown
+                buf = self._bufs[self._slot] = grown
             n = self._fill(memoryview(buf)[got:min(length, len(buf))])
             if not n:
                 self._offset += got
@@ -296,15 +316,17 @@ class ImageReader:
         return len(data)
 
     def _release_handed_out(self) -> None:
-        """Invalidate the previous page record's data, so that code keeping it
-        past its lifetime fails loudly instead of seeing the next record."""
-        if self._handed_out is None:
+        """Invalidate the page data last handed out of the buffer about to be
+        reused, so that code keeping it past its lifetime fails loudly instead
+        of seeing another record."""
+        handed_out = self._handed_out[self._slot]
+        if handed_out is None:
             return
         try:
-            self._handed_out.release()
+            handed_out.release()
         except BufferError:
             pass  # exported further (e.g. numpy): that holder keeps a live view
-        self._handed_out = None
+        self._handed_out[self._slot] = None
 
 
 def _counts_text(counts: list[tuple[int, int]]) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import structlog
+from google.protobuf import message_factory
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ckptd import __version__
@@ -27,6 +28,7 @@ from ckptd.containers.operations import Kind, OperationInfo, Operations
 from ckptd.containers.restart import restart
 from ckptd.containers.worker import WorkerPool
 from ckptd.errors import PermissionError_, UnsupportedError, UsageError
+from ckptd.image import decode_bytes_field, encode_bytes_field
 from ckptd.server.auth import Peer, PeerTable
 from ckptd.server.errors import status_of
 from ckptd.v1 import api_pb2 as pb
@@ -37,6 +39,10 @@ log = structlog.get_logger(__name__)
 DEFAULT_FREEZE_TIMEOUT = 10.0  # seconds; a healthy tree freezes in milliseconds
 LOG_CHUNK = 64 * 1024
 LOG_FOLLOW_POLL = 0.2          # seconds between looks at a growing log
+SERVICE = pb.DESCRIPTOR.services_by_name["Ckptd"]
+# Field numbers of the image bytes in ImageChunk and RestartRequest.
+CHUNK_DATA = pb.ImageChunk.DESCRIPTOR.fields_by_name["data"].number
+RESTART_DATA = pb.RestartRequest.DESCRIPTOR.fields_by_name["data"].number
 
 _STATES = {State.RUNNING: pb.CONTAINER_STATE_RUNNING, State.FROZEN: pb.CONTAINER_STATE_FROZEN,
            State.EXITED: pb.CONTAINER_STATE_EXITED, State.LOST: pb.CONTAINER_STATE_LOST}
@@ -259,7 +265,7 @@ class Servicer(api_pb2_grpc.CkptdServicer):
             raise UsageError("checkpoint needs a container id or a pid")
         for chunk in checkpoint(self.manager, self.operations, self.workers, target,
                                 request.leave_running):
-            yield pb.ImageChunk(data=chunk)
+            yield encode_bytes_field(CHUNK_DATA, chunk)   # a serialized ImageChunk
 
     @_rpc()
     def Restart(self, request_iterator, context, caller):
@@ -268,9 +274,9 @@ class Servicer(api_pb2_grpc.CkptdServicer):
             # against the caller's, only root may restore.
             raise PermissionError_("only root may restart from an image for now")
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "options":
+        if not isinstance(first, pb.RestartRequest) or first.WhichOneof("part") != "options":
             raise UsageError("a restart stream starts with its options message")
-        chunks = (part.data for part in request_iterator if part.WhichOneof("part") == "data")
+        chunks = _image_data(request_iterator)
         info = restart(self.manager, self.operations, self.workers, chunks,
                        name=first.options.name, owner_uid=caller.uid)
         structlog.contextvars.bind_contextvars(container=info.id)
@@ -280,6 +286,49 @@ class Servicer(api_pb2_grpc.CkptdServicer):
     def Migrate(self, request, context, caller):
         raise UnsupportedError("migrate is not implemented yet: it needs checkpoint and "
                                "restart (engine issue #3)")
+
+
+def add_to_server(servicer: Servicer, server: grpc.Server) -> None:
+    """What the generated ``add_CkptdServicer_to_server`` does, except that image
+    chunks cross gRPC in their wire form: ``Checkpoint`` yields serialized
+    ImageChunks, ``Restart`` gets the data of RestartRequests as views of the
+    received bytes (see ``ckptd.image.chunks``: protobuf objects cost two
+    copies of every chunk into fresh memory)."""
+    wire = {"Checkpoint": (None, _serialized), "Restart": (_restart_request, None)}
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {}
+    for method in SERVICE.methods:
+        parse, serialize = wire.get(method.name, (None, None))
+        handlers[method.name] = kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=parse or message_factory.GetMessageClass(
+                method.input_type).FromString,
+            response_serializer=serialize or message_factory.GetMessageClass(
+                method.output_type).SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _serialized(message: bytes) -> bytes:
+    return message
+
+
+def _restart_request(raw: bytes) -> pb.RestartRequest | memoryview:
+    """A data message as the view of its bytes; anything else parsed."""
+    data = decode_bytes_field(raw, RESTART_DATA)
+    return data if data is not None else pb.RestartRequest.FromString(raw)
+
+
+def _image_data(parts: Iterator[pb.RestartRequest | memoryview]) -> Iterator[memoryview | bytes]:
+    for part in parts:
+        if isinstance(part, memoryview):
+            yield part
+        elif part.WhichOneof("part") == "data":
+            yield part.data
 
 
 def daemon_info(manager: ContainerManager, state_dir: str, cgroup_root: str) -> pb.DaemonInfo:

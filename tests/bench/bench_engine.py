@@ -29,7 +29,7 @@ from ckptd.engine import api  # noqa: E402
 from ckptd.kernel import mem, proctask  # noqa: E402
 from workloads.workloads import Workload  # noqa: E402
 
-IMAGE = "/dev/shm/ckptd-bench-image"
+IMAGE = f"/dev/shm/ckptd-bench-image-{os.getpid()}"   # several benches may run at once
 SLICE = 16 << 20
 
 

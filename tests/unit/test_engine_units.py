@@ -3,6 +3,7 @@ register fixups, batch encoding, fd number planning, image validation."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -162,6 +163,37 @@ def test_page_data_outside_its_vma_is_an_image_error() -> None:
                          vaddr=vaddr, vma_id=vma_id, data=memoryview(bytes(0x2000)))
         with pytest.raises(errors.ImageError):
             filler.fill(rec)
+
+
+def test_page_filler_writes_behind_and_reports_a_failed_write(tmp_path) -> None:
+    from ckptd.image.reader import PageRecord
+
+    def rec(vaddr: int, fill: int) -> PageRecord:
+        return PageRecord(index=1, type=3, offset=0, length=0x1010, flags=0, vaddr=vaddr,
+                          vma_id=1, data=memoryview(bytes([fill]) * 0x1000))
+    mm = _mm((0x10000, 0x20000))
+    target = tmp_path / "mem"    # a file stands in for /proc/PID/mem: offset = address
+    target.write_bytes(bytes(0x20000))
+    fd = os.open(target, os.O_RDWR)
+    filler = memory.PageFiller(fd, 0, mm)
+    try:
+        filler.fill(rec(0x10000, 1))
+        filler.fill(rec(0x1f000, 2))
+        filler.flush()
+    finally:
+        filler.close()
+        os.close(fd)
+    data = target.read_bytes()
+    assert data[0x10000:0x11000] == b"\x01" * 0x1000 and data[0x1f000:] == b"\x02" * 0x1000
+    fd = os.open(target, os.O_RDONLY)
+    filler = memory.PageFiller(fd, 0, mm)
+    try:
+        filler.fill(rec(0x10000, 3))
+        with pytest.raises(OSError):
+            filler.flush()
+    finally:
+        filler.close()
+        os.close(fd)
 
 
 def test_container_log_is_relocated(tmp_path) -> None:

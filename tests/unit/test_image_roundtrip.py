@@ -163,6 +163,27 @@ def test_page_data_is_invalid_after_the_next_record() -> None:
     assert isinstance(second, PageRecord) and bytes(second.data) == b"b" * 100
 
 
+def test_kept_page_data_lives_until_that_many_more_records() -> None:
+    pages = [bytes([65 + i]) * 100 for i in range(4)]
+    data = write(lambda w: [w.write_pages(i * 4096, p) for i, p in enumerate(pages)])
+    reader = ImageReader(io.BytesIO(data))
+    reader.keep_pages(2)
+    it = iter(reader)
+    records = [next(it), next(it)]
+    assert [bytes(r.data) for r in records] == pages[:2]  # the first outlived one read
+    records.append(next(it))
+    with pytest.raises(ValueError):
+        bytes(records[0].data)  # its buffer was reused: released
+    assert [bytes(r.data) for r in records[1:]] == pages[1:3]
+    assert bytes(next(it).data) == pages[3]
+    assert next(it, None) is None and reader.trailer is not None
+
+
+def test_keep_pages_needs_at_least_one() -> None:
+    with pytest.raises(BugError):
+        ImageReader(io.BytesIO(b"")).keep_pages(0)
+
+
 def test_read_header_before_iteration_and_iterating_once() -> None:
     data = write(lambda w: w.write_message(TEST_TYPE, image_pb2.ImageSource(pid=3)))
     reader = ImageReader(io.BytesIO(data))

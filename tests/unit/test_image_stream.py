@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from ckptd.errors import BugError, ImageError
 from ckptd.image import (CHUNK_SIZE, ChunkReader, ChunkSink, ImageReader, ImageWriter,
-                         PageRecord, iter_chunks, new_header)
+                         PageRecord, decode_bytes_field, encode_bytes_field, iter_chunks,
+                         new_header)
 from ckptd.image import format as fmt
 
 STEP = fmt.PAGE_RECORD_DATA
@@ -155,3 +156,30 @@ def test_bounded_memory_over_a_large_streamed_image() -> None:
     # Allocated at once: a chunk or two in flight, ChunkSink's pending bytes
     # and their copy, and the reader's one-record buffer — each ~1 MiB.
     assert peak - base < 6 << 20, f"peak {peak - base} bytes"
+
+
+# -- the wire form of image chunks ------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, CHUNK_SIZE, 4 * CHUNK_SIZE + 3])
+def test_bytes_field_is_the_protobuf_wire_form(size: int) -> None:
+    from ckptd.v1 import api_pb2
+    data = os.urandom(size)
+    chunk = encode_bytes_field(1, data)
+    assert api_pb2.ImageChunk.FromString(chunk).data == data
+    if size:  # protobuf leaves an empty field out; ours is still a valid message
+        assert chunk == api_pb2.ImageChunk(data=data).SerializeToString()
+    request = api_pb2.RestartRequest(data=data).SerializeToString()
+    assert encode_bytes_field(2, data) == request
+    view = decode_bytes_field(request, 2)
+    assert isinstance(view, memoryview) and view.obj is request and bytes(view) == data
+
+
+def test_anything_but_exactly_one_bytes_field_is_left_to_protobuf() -> None:
+    from ckptd.v1 import api_pb2
+    data = encode_bytes_field(2, b"abc")
+    options = api_pb2.RestartRequest(options=api_pb2.RestartOptions(name="x"))
+    for raw in (b"", data[:-1], data + b"\x10\x01", options.SerializeToString(),
+                b"\x12" + b"\xff" * 11, encode_bytes_field(1, b"abc")):
+        assert decode_bytes_field(raw, 2) is None
+    with pytest.raises(BugError):
+        encode_bytes_field(16, b"")
