@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from ckptd.engine import creds, files, identity, memory, rlimits, seccomp, signals, timers
+from ckptd.engine import files, identity, memory, rlimits, signals, threads, timers
 from ckptd.engine.inject import Tracee
 from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageWriter, new_header
@@ -39,6 +39,9 @@ FREEZE_TIMEOUT = 5.0          # seconds; a cgroup that does not freeze by then i
 # largest is a 32-byte sigaction; a little room for alignment.
 SCRATCH = 256
 RED_ZONE = 128
+# A process that makes threads faster than we can seize them is not going to
+# hold still: give up after this many rounds of "seize the new ones".
+SEIZE_ROUNDS = 100
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,10 +58,11 @@ class DumpInjector:
     """Syscalls injected into the task being dumped, by single-stepping a
     ``syscall`` in its vdso, with scratch memory under its red zone."""
 
-    def __init__(self, tracee: Tracee, regs: ptrace.Regs, vmas: list[proctask.SmapsVma]) -> None:
+    def __init__(self, tracee: Tracee, regs: ptrace.Regs, vmas: list[proctask.SmapsVma],
+                 gadget: int | None = None) -> None:
         self.tracee = tracee
         self.regs = regs
-        self.gadget = _find_gadget(tracee, vmas)
+        self.gadget = gadget or _find_gadget(tracee, vmas)
         self.scratch = (regs.rsp - RED_ZONE - SCRATCH) & ~0xF
         if not any(v.start <= self.scratch and self.scratch + SCRATCH <= v.end
                    and v.perms[1] == "w" for v in vmas):
@@ -104,6 +108,7 @@ class DumpSession:
             freezer_mod.make_freezer(freezer or "cgroup2", V1_MOUNT, V2_MOUNT)
             if cgroup else None)
         self.seized = False
+        self.tids: list[int] = []     # seized threads (host tids), leader first
         self.frozen_at = 0.0
         self.tracee: Tracee | None = None
         self.injector: DumpInjector | None = None
@@ -129,38 +134,69 @@ class DumpSession:
         try:
             ptrace.seize(self.pid, 0)
             self.seized = True
+            self.tids = [self.pid]
             ptrace.interrupt(self.pid)
         except OSError as e:
             raise SystemError_(f"cannot seize pid {self.pid}: {e.strerror}",
                                pid=self.pid) from e
+        waiting = [self.pid] + self._seize_new()
         if self.freezer is not None:
             # The interrupt trap is taken once the task runs again; it stays
             # stopped under ptrace, which the freezer counts as frozen.
             self.freezer.thaw(self.cgroup, FREEZE_TIMEOUT)
-        self._wait_interrupted()
+        # Threads not frozen may make new threads until they stop: seize
+        # those too, until a listing shows nothing new (stopped threads
+        # cannot clone).
+        for _ in range(SEIZE_ROUNDS):
+            for tid in waiting:
+                self._wait_interrupted(tid)
+            waiting = self._seize_new()
+            if not waiting:
+                break
+        else:
+            raise StateError(f"pid {self.pid} keeps making threads", pid=self.pid)
         self.tracee = Tracee(self.pid)
 
-    def _wait_interrupted(self) -> None:
+    def _seize_new(self) -> list[int]:
+        new = []
+        for tid in proctask.list_threads(self.pid):
+            if tid in self.tids:
+                continue
+            try:
+                ptrace.seize(tid, 0)
+            except ProcessLookupError:
+                continue    # it exited meanwhile
+            except OSError as e:
+                raise SystemError_(f"cannot seize thread {tid} of pid {self.pid}: "
+                                   f"{e.strerror}", pid=self.pid) from e
+            self.tids.append(tid)
+            new.append(tid)
+            try:
+                ptrace.interrupt(tid)
+            except ProcessLookupError:
+                pass   # exiting: its exit is what the wait will see
+        return new
+
+    def _wait_interrupted(self, tid: int) -> None:
         while True:
-            stop = ptrace.wait_stop(self.pid)
+            stop = ptrace.wait_stop(tid)
             if stop.exited:
-                self.seized = False
-                raise NotFoundError(f"pid {self.pid} exited while being seized", pid=self.pid)
+                self.tids.remove(tid)
+                if tid == self.pid:
+                    self.seized = False
+                    raise NotFoundError(f"pid {self.pid} exited while being seized",
+                                        pid=self.pid)
+                return     # a thread that ended: nothing to dump
             if stop.event == ptrace.PTRACE_EVENT_STOP:
                 return
             # A signal arrived first: let it be delivered, the trap follows.
-            ptrace.cont(self.pid, stop.sig)
+            ptrace.cont(tid, stop.sig)
 
     # -- collecting --
     def collect(self, source: dict[str, Any] | None = None) -> None:
         """Everything but page contents; UnsupportedError before any change."""
         pid = self.pid
         assert self.tracee is not None
-        threads = proctask.list_threads(pid)
-        if len(threads) > 1:
-            raise UnsupportedError(f"pid {pid} has {len(threads)} threads; only single-"
-                                   "threaded processes can be checkpointed yet", pid=pid,
-                                   kind="threads")
         children = proctask.read_children(pid)
         if children:
             raise UnsupportedError(f"pid {pid} has child processes {children}; process "
@@ -172,34 +208,37 @@ class DumpSession:
                                        pid=pid, kind="children")
         fds, file_data = files.dump_files(pid)
         vmas = proctask.read_smaps(pid)
-        regs = ptrace.get_regs(pid)
-        self.injector = inj = DumpInjector(self.tracee, regs, vmas)
+        ns_tids = {tid: _ns_pid(tid) for tid in self.tids}
+        self.injector = inj = DumpInjector(self.tracee, ptrace.get_regs(pid), vmas)
         try:
             brk = inj.call(sysnr.BRK, 0)
             mm, spans = memory.dump_mm(pid, brk)
-            filters, filter_flags = seccomp.dump_seccomp(pid)
-            thread = image_pb2.Thread(tid=_ns_pid(pid), regs=regs.pack(),
-                                      xstate=ptrace.get_xstate(pid),
-                                      sigmask=ptrace.get_sigmask(pid),
-                                      pending=signals.dump_pending(pid, shared=False),
-                                      sigaltstack=signals.dump_altstack(inj),
-                                      seccomp_filters=filters, seccomp_flags=filter_flags,
-                                      creds=creds.dump_creds(pid, inj),
-                                      cpu_affinity=sum(1 << c for c in
-                                                       os.sched_getaffinity(pid) if c < 64))
-            identity.dump_thread_attrs(pid, inj, thread)
-            task = image_pb2.Task(pid=_ns_pid(pid), host_pid=pid, threads=[thread],
+            dumped = [threads.dump_thread(pid, ns_tids[pid], inj, inj.regs)]
+            dumped += [self._dump_thread(tid, ns_tids[tid], vmas, inj.gadget)
+                       for tid in self.tids[1:]]
+            task = image_pb2.Task(pid=ns_tids[pid], host_pid=pid, threads=dumped,
                                   sigactions=signals.dump_sigactions(inj),
                                   shared_pending=signals.dump_pending(pid, shared=True),
                                   itimers=timers.dump_itimers(inj),
                                   posix_timers=timers.dump_posix_timers(inj, pid),
                                   rlimits=rlimits.dump_rlimits(pid))
+            for t in task.posix_timers:
+                t.notify_tid = ns_tids.get(t.notify_tid, t.notify_tid)
             identity.dump_task_attrs(pid, inj, task)
         finally:
             inj.restore()
         origin = _origin(pid, source or {"kind": "host"}, mm)
         self.collected = dict(origin=origin, task=task, mm=mm, files=fds,
                               file_data=file_data, spans=spans)
+
+    def _dump_thread(self, tid: int, ns_tid: int, vmas: list[proctask.SmapsVma],
+                     gadget: int) -> image_pb2.Thread:
+        assert self.tracee is not None
+        inj = DumpInjector(self.tracee.thread(tid), ptrace.get_regs(tid), vmas, gadget)
+        try:
+            return threads.dump_thread(tid, ns_tid, inj, inj.regs)
+        finally:
+            inj.restore()
 
     # -- writing --
     def write(self, sink, progress: Progress | None = None) -> Dumped:
@@ -260,10 +299,11 @@ class DumpSession:
             return
         if fz is not None:
             _quiet(lambda: fz.freeze(cg, FREEZE_TIMEOUT))
-        try:
-            ptrace.detach(self.pid, 0)
-        except ProcessLookupError:
-            pass    # it died meanwhile (SIGKILL from someone): nothing to resume
+        for tid in reversed(self.tids):
+            try:
+                ptrace.detach(tid, 0)
+            except ProcessLookupError:
+                pass    # it died meanwhile (SIGKILL from someone): nothing to resume
         self.seized = False
         if fz is not None:
             _quiet(lambda: fz.thaw(cg, FREEZE_TIMEOUT))
@@ -278,12 +318,15 @@ class DumpSession:
             except ProcessLookupError:
                 pass   # already gone: the goal
         if self.seized:
-            # Collect the tracee's exit so the kernel can hand it to its parent.
-            try:
-                while not ptrace.wait_stop(self.pid).exited:
-                    _quiet(lambda: ptrace.cont(self.pid, 0))
-            except ChildProcessError:
-                pass   # already reaped
+            # Collect the tracees' exits so the kernel can hand the process to
+            # its parent: traced threads stay zombies until we do, and the
+            # leader cannot be collected before its threads.
+            for tid in reversed(self.tids):
+                try:
+                    while not ptrace.wait_stop(tid).exited:
+                        _quiet(lambda: ptrace.cont(tid, 0))
+                except ChildProcessError:
+                    pass   # already reaped
             self.seized = False
         log.info("task_killed", pid=self.pid)
 

@@ -1,6 +1,6 @@
 """Per-task attributes set by prctl and friends: comm, personality, umask,
 nice and scheduler, timer slack, dumpable, pdeathsig, child subreaper, no_new_privs,
-rseq and the robust futex list."""
+and per thread rseq, the robust futex list and the clear-child-tid address."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def dump_task_attrs(pid: int, inj, task: image_pb2.Task) -> None:
 
 
 def dump_thread_attrs(pid: int, inj, th: image_pb2.Thread) -> None:
-    st = procfs.read_status(pid)
+    st = procfs.read_status(pid)     # pid: the thread's tid (/proc/TID works for any)
     th.no_new_privs = st.get("NoNewPrivs", "0") == "1"
     with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
         th.comm = f.read().rstrip("\n")
@@ -40,6 +40,8 @@ def dump_thread_attrs(pid: int, inj, th: image_pb2.Thread) -> None:
     th.rseq_ptr, th.rseq_len, th.rseq_sig = rseq.ptr, rseq.size, rseq.sig
     inj.call(sysnr.GET_ROBUST_LIST, 0, inj.scratch, inj.scratch + 8)
     th.robust_list, th.robust_list_len = struct.unpack("<QQ", inj.read(inj.scratch, 16))
+    inj.call(sysnr.PRCTL, sysnr.PR_GET_TID_ADDRESS, inj.scratch, 0, 0, 0)
+    th.clear_tid_address = struct.unpack("<Q", inj.read(inj.scratch, 8))[0]
 
 
 def restore_session(batch, task: image_pb2.Task, pid: int) -> None:
@@ -77,6 +79,8 @@ def restore_thread_attrs(batch, th: image_pb2.Thread) -> None:
                    what="set_robust_list")
     if th.rseq_ptr:
         batch.call(sysnr.RSEQ, th.rseq_ptr, th.rseq_len, 0, th.rseq_sig, what="rseq")
+    if th.clear_tid_address:
+        batch.call(sysnr.SET_TID_ADDRESS, th.clear_tid_address, what="set_tid_address")
 
 
 def restore_late_attrs(batch, task: image_pb2.Task, th: image_pb2.Thread) -> None:

@@ -23,6 +23,7 @@ PTRACE_SINGLESTEP = 9
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
@@ -36,9 +37,11 @@ PTRACE_SECCOMP_GET_METADATA = 0x420D
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_O_EXITKILL = 0x100000
 
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXEC = 4
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
@@ -149,6 +152,13 @@ def detach(pid: int, sig: int = 0) -> None:
 
 def set_options(pid: int, options: int) -> None:
     _ptrace(PTRACE_SETOPTIONS, pid, 0, options)
+
+
+def get_event_msg(pid: int) -> int:
+    """The message of the last ptrace event (the new tid after a clone event)."""
+    value = ctypes.c_ulong()
+    _ptrace(PTRACE_GETEVENTMSG, pid, 0, ctypes.byref(value))
+    return value.value
 
 
 @dataclass(frozen=True)
