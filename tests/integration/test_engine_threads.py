@@ -1,0 +1,100 @@
+"""Multi-threaded processes through the engine, in process, target host:
+checkpoint (kill) and restore with every thread's original tid, or checkpoint
+and leave running; the workload must say PASS afterwards, and what /proc shows
+of it (every thread by tid: comm, mask, creds, affinity) must be the same."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import require_root
+from workloads.workloads import Workload, compare_views, outside_view
+
+from ckptd.engine import api
+
+pytestmark = pytest.mark.root
+
+# What legitimately differs after a restore into a fresh task.
+IGNORE = ("stat.*", "status.SigQ", "status.voluntary*", "status.nonvoluntary*")
+WORKLOADS = ["threads", "pythreads"]
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass   # not ours, or already reaped
+
+
+def _tids(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def _ready_tids(info: dict[str, str]) -> list[int]:
+    return sorted(int(t) for t in info["tids"].split(","))
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_threads_survive_kill_and_restore(name: str, tmp_path: Path, request) -> None:
+    require_root()
+    with Workload.start(name, tmp_path / "wl") as w:
+        info = w.wait_ready()
+        assert _tids(w.pid) == _ready_tids(info)
+        before = outside_view(w.pid)
+        image = io.BytesIO()
+        api.checkpoint(w.pid, image, kill=True)
+        w.reap()
+        restored = api.restore(io.BytesIO(image.getvalue()))
+        assert restored.pid == w.pid
+        request.addfinalizer(lambda: _reap(restored.pid))
+        assert _tids(w.pid) == _ready_tids(info)
+        diffs = compare_views(before, outside_view(w.pid), IGNORE)
+        w.go()
+        assert w.result() == "PASS", w.output()
+        assert diffs == []
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_threads_keep_running_after_a_checkpoint(name: str, tmp_path: Path) -> None:
+    require_root()
+    with Workload.start(name, tmp_path / "wl") as w:
+        info = w.wait_ready()
+        before = outside_view(w.pid)
+        with open(os.devnull, "wb") as sink:
+            api.checkpoint(w.pid, sink, kill=False)
+        assert _tids(w.pid) == _ready_tids(info)
+        for tid in _tids(w.pid):
+            with open(f"/proc/{w.pid}/task/{tid}/status") as f:
+                assert "TracerPid:\t0\n" in f.read()
+        diffs = compare_views(before, outside_view(w.pid), IGNORE)
+        w.go()
+        assert w.result() == "PASS", w.output()
+        assert diffs == []
+
+
+def test_threads_survive_two_restores(tmp_path: Path, request) -> None:
+    """A restored multi-threaded process can be checkpointed and restored again."""
+    require_root()
+    with Workload.start("threads", tmp_path / "wl") as w:
+        info = w.wait_ready()
+        image = io.BytesIO()
+        api.checkpoint(w.pid, image, kill=True)
+        w.reap()
+        api.restore(io.BytesIO(image.getvalue()))
+        request.addfinalizer(lambda: _reap(w.pid))
+        again = io.BytesIO()
+        # Restored in process, it is our child as well as our tracee: the
+        # kill collects it, freeing its pid.
+        api.checkpoint(w.pid, again, kill=True)
+        api.restore(io.BytesIO(again.getvalue()))
+        assert _tids(w.pid) == _ready_tids(info)
+        w.go()
+        assert w.result() == "PASS", w.output()
