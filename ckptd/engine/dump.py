@@ -39,6 +39,8 @@ FREEZE_TIMEOUT = 5.0          # seconds; a cgroup that does not freeze by then i
 # largest is a 32-byte sigaction; a little room for alignment.
 SCRATCH = 256
 RED_ZONE = 128
+# Killed tasks exit at once; this only bounds a kernel that does not let them.
+KILL_TIMEOUT = 10.0
 # A process that makes threads faster than we can seize them is not going to
 # hold still: give up after this many rounds of "seize the new ones".
 SEIZE_ROUNDS = 100
@@ -208,14 +210,12 @@ class DumpSession:
                                        pid=pid, kind="children")
         fds, file_data = files.dump_files(pid)
         vmas = proctask.read_smaps(pid)
-        ns_tids = {tid: _ns_pid(tid) for tid in self.tids}
         self.injector = inj = DumpInjector(self.tracee, ptrace.get_regs(pid), vmas)
         try:
             brk = inj.call(sysnr.BRK, 0)
             mm, spans = memory.dump_mm(pid, brk)
-            dumped = [threads.dump_thread(pid, ns_tids[pid], inj, inj.regs)]
-            dumped += [self._dump_thread(tid, ns_tids[tid], vmas, inj.gadget)
-                       for tid in self.tids[1:]]
+            dumped = [threads.dump_thread(pid, inj, inj.regs)] + self._dump_threads(vmas, inj.gadget)
+            ns_tids = {tid: th.tid for tid, th in zip(self.tids, dumped)}
             task = image_pb2.Task(pid=ns_tids[pid], host_pid=pid, threads=dumped,
                                   sigactions=signals.dump_sigactions(inj),
                                   shared_pending=signals.dump_pending(pid, shared=True),
@@ -231,14 +231,25 @@ class DumpSession:
         self.collected = dict(origin=origin, task=task, mm=mm, files=fds,
                               file_data=file_data, spans=spans)
 
-    def _dump_thread(self, tid: int, ns_tid: int, vmas: list[proctask.SmapsVma],
-                     gadget: int) -> image_pb2.Thread:
+    def _dump_threads(self, vmas: list[proctask.SmapsVma], gadget: int
+                      ) -> list[image_pb2.Thread]:
+        """Every thread but the leader, in tid order. We move to each one's
+        CPU before injecting through it (round trips across CPUs cost ~10x),
+        taking them CPU by CPU."""
         assert self.tracee is not None
-        inj = DumpInjector(self.tracee.thread(tid), ptrace.get_regs(tid), vmas, gadget)
+        out = {}
+        by_cpu = sorted(self.tids[1:], key=lambda tid: (_cpu_of(tid), tid))
         try:
-            return threads.dump_thread(tid, ns_tid, inj, inj.regs)
+            for tid in by_cpu:
+                _pin_next_to(tid)
+                inj = DumpInjector(self.tracee.thread(tid), ptrace.get_regs(tid), vmas, gadget)
+                try:
+                    out[tid] = threads.dump_thread(tid, inj, inj.regs)
+                finally:
+                    inj.restore()
         finally:
-            inj.restore()
+            _pin_next_to(self.pid)
+        return [out[tid] for tid in self.tids[1:]]
 
     # -- writing --
     def write(self, sink, progress: Progress | None = None) -> Dumped:
@@ -321,12 +332,9 @@ class DumpSession:
             # Collect the tracees' exits so the kernel can hand the process to
             # its parent: traced threads stay zombies until we do, and the
             # leader cannot be collected before its threads.
-            for tid in reversed(self.tids):
-                try:
-                    while not ptrace.wait_stop(tid).exited:
-                        _quiet(lambda: ptrace.cont(tid, 0))
-                except ChildProcessError:
-                    pass   # already reaped
+            left = ptrace.wait_exits(self.tids, KILL_TIMEOUT)
+            if left:
+                log.warning("tracees_not_collected", pid=self.pid, tids=left)
             self.seized = False
         log.info("task_killed", pid=self.pid)
 
@@ -341,12 +349,22 @@ def _quiet(fn: Callable[[], object]) -> None:
 def _pin_next_to(pid: int) -> None:
     """Run on the CPU the task last ran on: ptrace round trips across CPUs
     cost ~10x more (MACHINE.md)."""
+    cpu = _cpu_of(pid)
+    if cpu < 0:
+        return
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            cpu = int(f.read().rsplit(")", 1)[1].split()[36])
         os.sched_setaffinity(0, {cpu})
-    except (OSError, ValueError, IndexError):
+    except OSError:
         pass   # pinning is an optimisation only
+
+
+def _cpu_of(tid: int) -> int:
+    """The CPU a task last ran on; -1 if unknown."""
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _ns_pid(pid: int) -> int:

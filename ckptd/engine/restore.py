@@ -36,6 +36,8 @@ PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
 # How long to wait for the dumped process's pid to disappear (PID 1 here
 # reaps orphans only about once a second, MACHINE.md).
 PID_FREE_TIMEOUT = 5.0
+# Killed tasks exit at once; this only bounds a kernel that does not let them.
+KILL_TIMEOUT = 10.0
 TRAMPOLINE_SEARCH_FROM = 1 << 20
 TRAMPOLINE_ALIGN = 1 << 20
 
@@ -396,8 +398,7 @@ class RestoreSession:
                 pass   # already gone
             # Traced threads stay zombies until their tracer (we) reaps them,
             # and the leader cannot be reaped before they are.
-            for tid in set(made + self.tids) - {self.pid}:
-                _reap_thread(tid)
+            ptrace.wait_exits(sorted(set(made + self.tids) - {self.pid}), KILL_TIMEOUT)
             try:
                 while True:
                     _, status = os.waitpid(self.pid, 0x40000000)   # __WALL
@@ -450,14 +451,6 @@ def restore(reader: ImageReader, *, target: str = "host",
     except BaseException:
         session.abort()
         raise
-
-
-def _reap_thread(tid: int) -> None:
-    try:
-        while not ptrace.wait_stop(tid).exited:
-            pass   # killed: any stop still pending is followed by the exit
-    except ChildProcessError:
-        pass   # not traced by us (never seized) or already reaped
 
 
 def _free_range(stub_vmas: list[proctask.SmapsVma], mm: image_pb2.Mm) -> int:

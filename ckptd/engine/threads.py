@@ -30,17 +30,19 @@ MAX_THREADS = 16384
 _CLONE_ARGS = struct.Struct("<11Q")   # struct clone_args, up to and including cgroup
 
 
-def dump_thread(tid: int, ns_tid: int, inj, regs: ptrace.Regs) -> image_pb2.Thread:
+def dump_thread(tid: int, inj, regs: ptrace.Regs) -> image_pb2.Thread:
     """One thread, seized and stopped; ``inj`` injects through this thread."""
+    status = procfs.read_status(tid)
     filters, filter_flags = seccomp.dump_seccomp(tid)
-    th = image_pb2.Thread(tid=ns_tid, regs=regs.pack(), xstate=ptrace.get_xstate(tid),
+    th = image_pb2.Thread(tid=int(status.get("NSpid", str(tid)).split()[-1]),
+                          regs=regs.pack(), xstate=ptrace.get_xstate(tid),
                           sigmask=ptrace.get_sigmask(tid),
                           pending=signals.dump_pending(tid, shared=False),
                           sigaltstack=signals.dump_altstack(inj),
                           seccomp_filters=filters, seccomp_flags=filter_flags,
-                          creds=creds.dump_creds(tid, inj),
+                          creds=creds.dump_creds(tid, inj, status),
                           cpu_affinity=sum(1 << c for c in os.sched_getaffinity(tid) if c < 64))
-    identity.dump_thread_attrs(tid, inj, th)
+    identity.dump_thread_attrs(tid, inj, th, status)
     return th
 
 

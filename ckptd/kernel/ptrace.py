@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import struct
+import time
 from dataclasses import dataclass, fields, replace
 
 SYS_PTRACE = 101
@@ -58,6 +59,8 @@ SIGINFO_SIZE = 128
 SIGINFO_BATCH = 64
 
 __WALL = 0x40000000
+# How often wait_exits looks again while no tracee has changed state.
+EXIT_POLL = 0.0005
 
 
 class _Iovec(ctypes.Structure):
@@ -196,6 +199,38 @@ def wait_stop(pid: int) -> Stop:
     """The next state change of a tracee (waitpid with __WALL, retried on EINTR)."""
     _, status = os.waitpid(pid, __WALL)
     return Stop(pid, status)
+
+
+def wait_exits(tids: list[int], timeout: float) -> list[int]:
+    """Collect the exits of killed tracees, in whatever order they come: the
+    last thread of a PID namespace's init waits in exit for the namespace's
+    other tasks to be released, which for traced threads means reaped by us.
+    A stop still reported is resumed (the pending SIGKILL ends it). Returns
+    the tids not collected by ``timeout`` seconds."""
+    pending = set(tids)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        progressed = False
+        for tid in sorted(pending):
+            try:
+                got, status = os.waitpid(tid, __WALL | os.WNOHANG)
+            except ChildProcessError:
+                pending.discard(tid)   # not ours (never seized) or already reaped
+                continue
+            if got == 0:
+                continue
+            progressed = True
+            stop = Stop(tid, status)
+            if stop.exited:
+                pending.discard(tid)
+            else:
+                try:
+                    cont(tid, 0)
+                except ProcessLookupError:
+                    pass   # dying: its exit comes next
+        if not progressed:
+            time.sleep(EXIT_POLL)
+    return sorted(pending)
 
 
 def get_regs(pid: int) -> Regs:
