@@ -1,6 +1,11 @@
 """Checkpoint orchestration: freeze -> seize -> check -> collect -> write,
 then resume or kill as the caller asks.
 
+Every thread is seized and interrupted (a process that is not frozen may
+make new threads meanwhile: seize until a listing shows no new one); the
+process-wide state is injected through the leader, each thread's own through
+itself (threads.py).
+
 ``DumpSession`` holds the tree stopped between those steps; leaving it by
 an error always resumes the task untouched (registers and scratch memory put
 back, detached, thawed). Collection of everything except page contents

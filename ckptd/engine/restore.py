@@ -4,9 +4,13 @@ fill pages -> finish the task -> registers -> detach.
 The order is the one ENGINE-NOTES.md established: a freestanding stub with
 the original pid, held under ptrace (EXITKILL), gets a trampoline with the
 batch runner, loses its own mappings, gets the image's vdso placement, fds
-and VMAs in one batch, its pages through /proc/PID/mem, then one batch for
-the mm fields, signals, timers, limits, identity, credentials and seccomp
-(last), and finally its registers. Any failure kills what was built.
+and VMAs in one batch, its pages through /proc/PID/mem. Then the leader
+clones the other threads with their tids (threads.py: one batch, each new
+thread stopped at birth), runs one batch for the mm fields, signals, timers,
+limits, identity, and its own credentials and seccomp (last); each other
+thread runs its own batch of per-thread state, credentials and seccomp last.
+Finally every thread gets its registers, and the threads are detached before
+the leader. Any failure kills what was built.
 """
 
 from __future__ import annotations
