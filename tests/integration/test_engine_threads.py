@@ -98,3 +98,65 @@ def test_threads_survive_two_restores(tmp_path: Path, request) -> None:
         assert _tids(w.pid) == _ready_tids(info)
         w.go()
         assert w.result() == "PASS", w.output()
+
+
+CHURN = r"""
+import os, sys, threading, time
+d = sys.argv[1]
+count = [0]
+def short():
+    count[0] += 1
+    time.sleep(0.001)
+def keep():
+    while True:
+        time.sleep(0.002)
+threading.Thread(target=keep, daemon=True).start()
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    ts = [threading.Thread(target=short) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+before = count[0]
+time.sleep(0.05)
+for _ in range(20):
+    t = threading.Thread(target=short)
+    t.start()
+    t.join()
+ok = count[0] == before + 20
+open(os.path.join(d, "result"), "w").write("PASS" if ok else f"FAIL: {count[0]} {before}")
+"""
+
+
+def test_threads_that_come_and_go_while_seized(tmp_path: Path, request) -> None:
+    """A process not frozen keeps making and ending threads while it is
+    seized: every checkpoint gets a consistent set, and it carries on after
+    being left running and after a restore."""
+    import subprocess
+    import sys
+    import time
+    require_root()
+    proc = subprocess.Popen([sys.executable, "-c", CHURN, str(tmp_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    request.addfinalizer(lambda: _reap(proc.pid))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    for _ in range(5):
+        with open(os.devnull, "wb") as sink:
+            api.checkpoint(proc.pid, sink, kill=False)
+        time.sleep(0.02)
+    image = io.BytesIO()
+    api.checkpoint(proc.pid, image, kill=True)
+    proc.wait(5)
+    api.restore(io.BytesIO(image.getvalue()))
+    time.sleep(0.1)
+    (tmp_path / "go").touch()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "result").exists():
+        assert time.monotonic() < deadline, "no verdict"
+        time.sleep(0.01)
+    assert (tmp_path / "result").read_text() == "PASS"
