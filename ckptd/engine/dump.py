@@ -219,7 +219,8 @@ class DumpSession:
         try:
             brk = inj.call(sysnr.BRK, 0)
             mm, spans = memory.dump_mm(pid, brk)
-            dumped = [threads.dump_thread(pid, inj, inj.regs)] + self._dump_threads(vmas, inj.gadget)
+            dumped = [threads.dump_thread(pid, inj, inj.regs),
+                      *self._dump_threads(vmas, inj.gadget)]
             ns_tids = {tid: th.tid for tid, th in zip(self.tids, dumped)}
             task = image_pb2.Task(pid=ns_tids[pid], host_pid=pid, threads=dumped,
                                   sigactions=signals.dump_sigactions(inj),

@@ -25,8 +25,7 @@ from typing import Any
 import structlog
 
 from ckptd import native
-from ckptd.engine import (creds, files, identity, memory, regs, rlimits, seccomp, signals,
-                          threads, timers)
+from ckptd.engine import files, identity, memory, regs, rlimits, signals, threads, timers
 from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
