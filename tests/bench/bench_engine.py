@@ -29,7 +29,8 @@ from ckptd.engine import api  # noqa: E402
 from ckptd.kernel import mem, proctask  # noqa: E402
 from workloads.workloads import Workload  # noqa: E402
 
-IMAGE = "/dev/shm/ckptd-bench-image"
+# Per process: two benchmarks at once must not write into one image.
+IMAGE = f"/dev/shm/ckptd-bench-image-{os.getpid()}"
 SLICE = 16 << 20
 
 
@@ -123,6 +124,7 @@ def main() -> None:
             reap(w.pid)
         show("16 threads", runs, f"(workload says {result})")
     if "--no-mem" in sys.argv:
+        os.unlink(IMAGE)
         return
 
     with tempfile.TemporaryDirectory() as tmp, \
