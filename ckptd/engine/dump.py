@@ -129,6 +129,12 @@ class DumpSession:
             stat = procfs.read_stat(self.pid)
         except ProcessLookupError:
             raise NotFoundError(f"no process with pid {self.pid}", pid=self.pid) from None
+        if stat.is_zombie and stat.num_threads > 1:
+            # pthread_exit in main: the leader is a zombie, its threads run on.
+            raise UnsupportedError(f"the main thread of pid {self.pid} has exited and "
+                                   f"{stat.num_threads - 1} other threads run on; such a "
+                                   "process cannot be checkpointed yet", pid=self.pid,
+                                   kind="threads")
         if stat.is_zombie:
             raise StateError(f"pid {self.pid} is a zombie", pid=self.pid)
         self.frozen_at = time.monotonic()

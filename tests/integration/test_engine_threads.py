@@ -160,3 +160,30 @@ def test_threads_that_come_and_go_while_seized(tmp_path: Path, request) -> None:
         assert time.monotonic() < deadline, "no verdict"
         time.sleep(0.01)
     assert (tmp_path / "result").read_text() == "PASS"
+
+
+def test_exited_main_thread_is_refused_and_left_running() -> None:
+    """pthread_exit in main leaves a zombie leader with live threads: refused
+    before anything is touched, and the threads keep running."""
+    import subprocess
+    import sys
+    import time
+    from ckptd.errors import UnsupportedError
+    require_root()
+    code = ("import threading, time, ctypes; "
+            "threading.Thread(target=time.sleep, args=(100,)).start(); time.sleep(0.1); "
+            "ctypes.CDLL(None).pthread_exit(None)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        with pytest.raises(UnsupportedError) as info:
+            api.checkpoint(proc.pid, io.BytesIO(), kill=True)
+        assert "main thread" in str(info.value)
+        assert proc.poll() is None and len(_tids(proc.pid)) == 2
+    finally:
+        proc.kill()
+        proc.wait(5)
