@@ -1,5 +1,5 @@
-"""Checkpoint and restore of one process (threads and trees come later; the
-image already holds a task's threads as a list).
+"""Checkpoint and restore of one process and all its threads (process trees
+come later).
 
     api.py        in-process entry points: checkpointed(), checkpoint(), restore()
     worker.py     ``python -m ckptd.engine.worker``: the daemon's JSON protocol
@@ -10,6 +10,7 @@ image already holds a task's threads as a list).
     memory.py     VMAs, pages, vdso, mm fields (PR_SET_MM_MAP)
     regs.py       registers, xstate, syscall restart fixups
     files.py      fds (files, dirs, devices, deleted files), cwd, root
+    threads.py    per-thread state; recreating threads with their tids (clone3)
     signals.py    handlers, altstack, pending signals
     timers.py     itimers, POSIX timers with ids
     rlimits.py    resource limits (set from inside)

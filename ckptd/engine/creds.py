@@ -17,8 +17,8 @@ SECBIT_KEEP_CAPS = 1 << 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def dump_creds(pid: int, inj) -> image_pb2.Creds:
-    st = procfs.read_status(pid)
+def dump_creds(pid: int, inj, status: dict[str, str] | None = None) -> image_pb2.Creds:
+    st = status or procfs.read_status(pid)
     return image_pb2.Creds(
         uids=[int(x) for x in st["Uid"].split()], gids=[int(x) for x in st["Gid"].split()],
         groups=[int(x) for x in st.get("Groups", "").split()],

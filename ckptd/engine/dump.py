@@ -1,6 +1,11 @@
 """Checkpoint orchestration: freeze -> seize -> check -> collect -> write,
 then resume or kill as the caller asks.
 
+Every thread is seized and interrupted (a process that is not frozen may
+make new threads meanwhile: seize until a listing shows no new one); the
+process-wide state is injected through the leader, each thread's own through
+itself (threads.py).
+
 ``DumpSession`` holds the tree stopped between those steps; leaving it by
 an error always resumes the task untouched (registers and scratch memory put
 back, detached, thawed). Collection of everything except page contents
@@ -20,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from ckptd.engine import creds, files, identity, memory, rlimits, seccomp, signals, timers
+from ckptd.engine import files, identity, memory, rlimits, signals, threads, timers
 from ckptd.engine.inject import Tracee
 from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageWriter, new_header
@@ -39,6 +44,11 @@ FREEZE_TIMEOUT = 5.0          # seconds; a cgroup that does not freeze by then i
 # largest is a 32-byte sigaction; a little room for alignment.
 SCRATCH = 256
 RED_ZONE = 128
+# Killed tasks exit at once; this only bounds a kernel that does not let them.
+KILL_TIMEOUT = 10.0
+# A process that makes threads faster than we can seize them is not going to
+# hold still: give up after this many rounds of "seize the new ones".
+SEIZE_ROUNDS = 100
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,10 +65,11 @@ class DumpInjector:
     """Syscalls injected into the task being dumped, by single-stepping a
     ``syscall`` in its vdso, with scratch memory under its red zone."""
 
-    def __init__(self, tracee: Tracee, regs: ptrace.Regs, vmas: list[proctask.SmapsVma]) -> None:
+    def __init__(self, tracee: Tracee, regs: ptrace.Regs, vmas: list[proctask.SmapsVma],
+                 gadget: int | None = None) -> None:
         self.tracee = tracee
         self.regs = regs
-        self.gadget = _find_gadget(tracee, vmas)
+        self.gadget = gadget or _find_gadget(tracee, vmas)
         self.scratch = (regs.rsp - RED_ZONE - SCRATCH) & ~0xF
         if not any(v.start <= self.scratch and self.scratch + SCRATCH <= v.end
                    and v.perms[1] == "w" for v in vmas):
@@ -104,6 +115,7 @@ class DumpSession:
             freezer_mod.make_freezer(freezer or "cgroup2", V1_MOUNT, V2_MOUNT)
             if cgroup else None)
         self.seized = False
+        self.tids: list[int] = []     # seized threads (host tids), leader first
         self.frozen_at = 0.0
         self.tracee: Tracee | None = None
         self.injector: DumpInjector | None = None
@@ -117,6 +129,12 @@ class DumpSession:
             stat = procfs.read_stat(self.pid)
         except ProcessLookupError:
             raise NotFoundError(f"no process with pid {self.pid}", pid=self.pid) from None
+        if stat.is_zombie and stat.num_threads > 1:
+            # pthread_exit in main: the leader is a zombie, its threads run on.
+            raise UnsupportedError(f"the main thread of pid {self.pid} has exited and "
+                                   f"{stat.num_threads - 1} other threads run on; such a "
+                                   "process cannot be checkpointed yet", pid=self.pid,
+                                   kind="threads")
         if stat.is_zombie:
             raise StateError(f"pid {self.pid} is a zombie", pid=self.pid)
         self.frozen_at = time.monotonic()
@@ -129,38 +147,69 @@ class DumpSession:
         try:
             ptrace.seize(self.pid, 0)
             self.seized = True
+            self.tids = [self.pid]
             ptrace.interrupt(self.pid)
         except OSError as e:
             raise SystemError_(f"cannot seize pid {self.pid}: {e.strerror}",
                                pid=self.pid) from e
+        waiting = [self.pid] + self._seize_new()
         if self.freezer is not None:
             # The interrupt trap is taken once the task runs again; it stays
             # stopped under ptrace, which the freezer counts as frozen.
             self.freezer.thaw(self.cgroup, FREEZE_TIMEOUT)
-        self._wait_interrupted()
+        # Threads not frozen may make new threads until they stop: seize
+        # those too, until a listing shows nothing new (stopped threads
+        # cannot clone).
+        for _ in range(SEIZE_ROUNDS):
+            for tid in waiting:
+                self._wait_interrupted(tid)
+            waiting = self._seize_new()
+            if not waiting:
+                break
+        else:
+            raise StateError(f"pid {self.pid} keeps making threads", pid=self.pid)
         self.tracee = Tracee(self.pid)
 
-    def _wait_interrupted(self) -> None:
+    def _seize_new(self) -> list[int]:
+        new = []
+        for tid in proctask.list_threads(self.pid):
+            if tid in self.tids:
+                continue
+            try:
+                ptrace.seize(tid, 0)
+            except ProcessLookupError:
+                continue    # it exited meanwhile
+            except OSError as e:
+                raise SystemError_(f"cannot seize thread {tid} of pid {self.pid}: "
+                                   f"{e.strerror}", pid=self.pid) from e
+            self.tids.append(tid)
+            new.append(tid)
+            try:
+                ptrace.interrupt(tid)
+            except ProcessLookupError:
+                pass   # exiting: its exit is what the wait will see
+        return new
+
+    def _wait_interrupted(self, tid: int) -> None:
         while True:
-            stop = ptrace.wait_stop(self.pid)
+            stop = ptrace.wait_stop(tid)
             if stop.exited:
-                self.seized = False
-                raise NotFoundError(f"pid {self.pid} exited while being seized", pid=self.pid)
+                self.tids.remove(tid)
+                if tid == self.pid:
+                    self.seized = False
+                    raise NotFoundError(f"pid {self.pid} exited while being seized",
+                                        pid=self.pid)
+                return     # a thread that ended: nothing to dump
             if stop.event == ptrace.PTRACE_EVENT_STOP:
                 return
             # A signal arrived first: let it be delivered, the trap follows.
-            ptrace.cont(self.pid, stop.sig)
+            ptrace.cont(tid, stop.sig)
 
     # -- collecting --
     def collect(self, source: dict[str, Any] | None = None) -> None:
         """Everything but page contents; UnsupportedError before any change."""
         pid = self.pid
         assert self.tracee is not None
-        threads = proctask.list_threads(pid)
-        if len(threads) > 1:
-            raise UnsupportedError(f"pid {pid} has {len(threads)} threads; only single-"
-                                   "threaded processes can be checkpointed yet", pid=pid,
-                                   kind="threads")
         children = proctask.read_children(pid)
         if children:
             raise UnsupportedError(f"pid {pid} has child processes {children}; process "
@@ -172,34 +221,47 @@ class DumpSession:
                                        pid=pid, kind="children")
         fds, file_data = files.dump_files(pid)
         vmas = proctask.read_smaps(pid)
-        regs = ptrace.get_regs(pid)
-        self.injector = inj = DumpInjector(self.tracee, regs, vmas)
+        self.injector = inj = DumpInjector(self.tracee, ptrace.get_regs(pid), vmas)
         try:
             brk = inj.call(sysnr.BRK, 0)
             mm, spans = memory.dump_mm(pid, brk)
-            filters, filter_flags = seccomp.dump_seccomp(pid)
-            thread = image_pb2.Thread(tid=_ns_pid(pid), regs=regs.pack(),
-                                      xstate=ptrace.get_xstate(pid),
-                                      sigmask=ptrace.get_sigmask(pid),
-                                      pending=signals.dump_pending(pid, shared=False),
-                                      sigaltstack=signals.dump_altstack(inj),
-                                      seccomp_filters=filters, seccomp_flags=filter_flags,
-                                      creds=creds.dump_creds(pid, inj),
-                                      cpu_affinity=sum(1 << c for c in
-                                                       os.sched_getaffinity(pid) if c < 64))
-            identity.dump_thread_attrs(pid, inj, thread)
-            task = image_pb2.Task(pid=_ns_pid(pid), host_pid=pid, threads=[thread],
+            dumped = [threads.dump_thread(pid, inj, inj.regs),
+                      *self._dump_threads(vmas, inj.gadget)]
+            ns_tids = {tid: th.tid for tid, th in zip(self.tids, dumped)}
+            task = image_pb2.Task(pid=ns_tids[pid], host_pid=pid, threads=dumped,
                                   sigactions=signals.dump_sigactions(inj),
                                   shared_pending=signals.dump_pending(pid, shared=True),
                                   itimers=timers.dump_itimers(inj),
                                   posix_timers=timers.dump_posix_timers(inj, pid),
                                   rlimits=rlimits.dump_rlimits(pid))
+            for t in task.posix_timers:
+                t.notify_tid = ns_tids.get(t.notify_tid, t.notify_tid)
             identity.dump_task_attrs(pid, inj, task)
         finally:
             inj.restore()
         origin = _origin(pid, source or {"kind": "host"}, mm)
         self.collected = dict(origin=origin, task=task, mm=mm, files=fds,
                               file_data=file_data, spans=spans)
+
+    def _dump_threads(self, vmas: list[proctask.SmapsVma], gadget: int
+                      ) -> list[image_pb2.Thread]:
+        """Every thread but the leader, in tid order. We move to each one's
+        CPU before injecting through it (round trips across CPUs cost ~10x),
+        taking them CPU by CPU."""
+        assert self.tracee is not None
+        out = {}
+        by_cpu = sorted(self.tids[1:], key=lambda tid: (_cpu_of(tid), tid))
+        try:
+            for tid in by_cpu:
+                _pin_next_to(tid)
+                inj = DumpInjector(self.tracee.thread(tid), ptrace.get_regs(tid), vmas, gadget)
+                try:
+                    out[tid] = threads.dump_thread(tid, inj, inj.regs)
+                finally:
+                    inj.restore()
+        finally:
+            _pin_next_to(self.pid)
+        return [out[tid] for tid in self.tids[1:]]
 
     # -- writing --
     def write(self, sink, progress: Progress | None = None) -> Dumped:
@@ -260,10 +322,11 @@ class DumpSession:
             return
         if fz is not None:
             _quiet(lambda: fz.freeze(cg, FREEZE_TIMEOUT))
-        try:
-            ptrace.detach(self.pid, 0)
-        except ProcessLookupError:
-            pass    # it died meanwhile (SIGKILL from someone): nothing to resume
+        for tid in reversed(self.tids):
+            try:
+                ptrace.detach(tid, 0)
+            except ProcessLookupError:
+                pass    # it died meanwhile (SIGKILL from someone): nothing to resume
         self.seized = False
         if fz is not None:
             _quiet(lambda: fz.thaw(cg, FREEZE_TIMEOUT))
@@ -278,12 +341,12 @@ class DumpSession:
             except ProcessLookupError:
                 pass   # already gone: the goal
         if self.seized:
-            # Collect the tracee's exit so the kernel can hand it to its parent.
-            try:
-                while not ptrace.wait_stop(self.pid).exited:
-                    _quiet(lambda: ptrace.cont(self.pid, 0))
-            except ChildProcessError:
-                pass   # already reaped
+            # Collect the tracees' exits so the kernel can hand the process to
+            # its parent: traced threads stay zombies until we do, and the
+            # leader cannot be collected before its threads.
+            left = ptrace.wait_exits(self.tids, KILL_TIMEOUT)
+            if left:
+                log.warning("tracees_not_collected", pid=self.pid, tids=left)
             self.seized = False
         log.info("task_killed", pid=self.pid)
 
@@ -298,12 +361,22 @@ def _quiet(fn: Callable[[], object]) -> None:
 def _pin_next_to(pid: int) -> None:
     """Run on the CPU the task last ran on: ptrace round trips across CPUs
     cost ~10x more (MACHINE.md)."""
+    cpu = _cpu_of(pid)
+    if cpu < 0:
+        return
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            cpu = int(f.read().rsplit(")", 1)[1].split()[36])
         os.sched_setaffinity(0, {cpu})
-    except (OSError, ValueError, IndexError):
+    except OSError:
         pass   # pinning is an optimisation only
+
+
+def _cpu_of(tid: int) -> int:
+    """The CPU a task last ran on; -1 if unknown."""
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _ns_pid(pid: int) -> int:

@@ -1,12 +1,14 @@
 """Per-task attributes set by prctl and friends: comm, personality, umask,
 nice and scheduler, timer slack, dumpable, pdeathsig, child subreaper, no_new_privs,
-rseq and the robust futex list."""
+and per thread rseq, the robust futex list and the clear-child-tid address."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 from ckptd.kernel import procfs, ptrace, sysnr
+from ckptd.kernel import task as task_mod
 from ckptd.v1 import image_pb2
 
 PRIO_PROCESS = 0
@@ -26,20 +28,27 @@ def dump_task_attrs(pid: int, inj, task: image_pb2.Task) -> None:
     task.child_subreaper = struct.unpack("<i", inj.read(inj.scratch, 4))[0] != 0
 
 
-def dump_thread_attrs(pid: int, inj, th: image_pb2.Thread) -> None:
-    st = procfs.read_status(pid)
+def dump_thread_attrs(tid: int, inj, th: image_pb2.Thread,
+                      status: dict[str, str] | None = None) -> None:
+    """What the kernel tells about a thread from outside where it can (each
+    injected call costs a ptrace round trip per thread), the rest injected."""
+    st = status or procfs.read_status(tid)    # /proc/TID works for any thread
     th.no_new_privs = st.get("NoNewPrivs", "0") == "1"
-    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+    with open(f"/proc/{tid}/comm", encoding="utf-8", errors="replace") as f:
         th.comm = f.read().rstrip("\n")
-    th.nice = 20 - inj.call(sysnr.GETPRIORITY, PRIO_PROCESS, 0)
-    th.sched_policy = inj.call(sysnr.SCHED_GETSCHEDULER, 0)
-    inj.call(sysnr.SCHED_GETPARAM, 0, inj.scratch)
-    th.sched_priority = struct.unpack("<i", inj.read(inj.scratch, 4))[0]
-    th.timer_slack = inj.call(sysnr.PRCTL, sysnr.PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    rseq = ptrace.get_rseq(pid)
+    th.nice = os.getpriority(os.PRIO_PROCESS, tid)
+    th.sched_policy = os.sched_getscheduler(tid)
+    th.sched_priority = os.sched_getparam(tid).sched_priority
+    try:
+        with open(f"/proc/{tid}/timerslack_ns") as f:
+            th.timer_slack = int(f.read())
+    except (OSError, ValueError):
+        th.timer_slack = inj.call(sysnr.PRCTL, sysnr.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    rseq = ptrace.get_rseq(tid)
     th.rseq_ptr, th.rseq_len, th.rseq_sig = rseq.ptr, rseq.size, rseq.sig
-    inj.call(sysnr.GET_ROBUST_LIST, 0, inj.scratch, inj.scratch + 8)
-    th.robust_list, th.robust_list_len = struct.unpack("<QQ", inj.read(inj.scratch, 16))
+    th.robust_list, th.robust_list_len = task_mod.robust_list(tid)
+    inj.call(sysnr.PRCTL, sysnr.PR_GET_TID_ADDRESS, inj.scratch, 0, 0, 0)
+    th.clear_tid_address = struct.unpack("<Q", inj.read(inj.scratch, 8))[0]
 
 
 def restore_session(batch, task: image_pb2.Task, pid: int) -> None:
@@ -77,6 +86,8 @@ def restore_thread_attrs(batch, th: image_pb2.Thread) -> None:
                    what="set_robust_list")
     if th.rseq_ptr:
         batch.call(sysnr.RSEQ, th.rseq_ptr, th.rseq_len, 0, th.rseq_sig, what="rseq")
+    if th.clear_tid_address:
+        batch.call(sysnr.SET_TID_ADDRESS, th.clear_tid_address, what="set_tid_address")
 
 
 def restore_late_attrs(batch, task: image_pb2.Task, th: image_pb2.Thread) -> None:

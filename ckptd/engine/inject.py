@@ -97,18 +97,27 @@ class Batch:
 class Tracee:
     """A seized task that we drive; all calls from the thread that seized it."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, memfd: int | None = None) -> None:
         self.pid = pid
-        self.memfd = mem.open_mem(pid, write=True)
+        self.owns_memfd = memfd is None
+        self.memfd = mem.open_mem(pid, write=True) if memfd is None else memfd
         self.held_signals: list[int] = []
         self.tramp = 0          # trampoline address once mapped (restore)
         self.runner = 0         # batch runner address in it
         self.runner_end = 0     # rip after the runner's final int3
 
+    def thread(self, tid: int) -> Tracee:
+        """Another seized thread of the same process: same memory, same
+        trampoline and the same list of held signals, its own registers."""
+        other = Tracee(tid, memfd=self.memfd)
+        other.held_signals = self.held_signals
+        other.tramp, other.runner, other.runner_end = self.tramp, self.runner, self.runner_end
+        return other
+
     def close(self) -> None:
-        if self.memfd >= 0:
+        if self.memfd >= 0 and self.owns_memfd:
             os.close(self.memfd)
-            self.memfd = -1
+        self.memfd = -1
 
     # -- memory --
     def read(self, addr: int, size: int) -> bytes:

@@ -4,9 +4,13 @@ fill pages -> finish the task -> registers -> detach.
 The order is the one ENGINE-NOTES.md established: a freestanding stub with
 the original pid, held under ptrace (EXITKILL), gets a trampoline with the
 batch runner, loses its own mappings, gets the image's vdso placement, fds
-and VMAs in one batch, its pages through /proc/PID/mem, then one batch for
-the mm fields, signals, timers, limits, identity, credentials and seccomp
-(last), and finally its registers. Any failure kills what was built.
+and VMAs in one batch, its pages through /proc/PID/mem. Then the leader
+clones the other threads with their tids (threads.py: one batch, each new
+thread stopped at birth), runs one batch for the mm fields, signals, timers,
+limits, identity, and its own credentials and seccomp (last); each other
+thread runs its own batch of per-thread state, credentials and seccomp last.
+Finally every thread gets its registers, and the threads are detached before
+the leader. Any failure kills what was built.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from typing import Any
 import structlog
 
 from ckptd import native
-from ckptd.engine import creds, files, identity, memory, regs, rlimits, seccomp, signals, timers
-from ckptd.engine.inject import TRAMPOLINE_SIZE, DATA_AT, Batch, Tracee
+from ckptd.engine import files, identity, memory, regs, rlimits, signals, threads, timers
+from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
 from ckptd.image.registry import RecordType
@@ -36,6 +40,8 @@ PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
 # How long to wait for the dumped process's pid to disappear (PID 1 here
 # reaps orphans only about once a second, MACHINE.md).
 PID_FREE_TIMEOUT = 5.0
+# Killed tasks exit at once; this only bounds a kernel that does not let them.
+KILL_TIMEOUT = 10.0
 TRAMPOLINE_SEARCH_FROM = 1 << 20
 TRAMPOLINE_ALIGN = 1 << 20
 
@@ -93,13 +99,10 @@ def read_metadata(reader: ImageReader) -> tuple[Metadata, Iterator, PageRecord |
 
 def validate(meta: Metadata) -> None:
     t = meta.task
-    if not 1 <= t.pid < PID_MAX or len(t.threads) != 1:
-        raise ImageError(f"task pid {t.pid} with {len(t.threads)} threads", record="TASK")
-    th = t.threads[0]
-    if len(th.regs) != ptrace.REGS_SIZE or not 576 <= len(th.xstate) <= ptrace.XSTATE_BUFFER:
-        raise ImageError("register sets of the wrong size", record="TASK")
+    if not 1 <= t.pid < PID_MAX:
+        raise ImageError(f"task pid {t.pid}", record="TASK")
+    threads.check_threads(t)
     signals.check_signals(t)
-    seccomp.check_seccomp(th.seccomp_filters)
     memory.check_mm(meta.mm)
     files.check_files(meta.files, meta.file_data)
     if meta.mm.vdso_start:
@@ -134,6 +137,7 @@ class RestoreSession:
         self.started = time.monotonic()
         self.base: ptrace.Regs | None = None
         self.table = files.FdTable()
+        self.tids: list[int] = []     # host tids of the threads made so far, leader first
 
     # -- the stub --
     def relocate_log(self, new_path: str) -> None:
@@ -157,6 +161,7 @@ class RestoreSession:
             self.our_child = True
         else:
             self.pid = stub_pid
+        self.tids = [self.pid]
         try:
             ptrace.seize(self.pid, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD)
             # A stub that is PID 1 of a new namespace cannot stop itself (init
@@ -187,16 +192,17 @@ class RestoreSession:
 
     def _spawn_host(self, pid: int) -> int:
         deadline = time.monotonic() + PID_FREE_TIMEOUT
-        while True:
-            try:
-                zombie = procfs.read_stat(pid).is_zombie
-            except (ProcessLookupError, FileNotFoundError):
-                break
-            # A zombie is on its way out (PID 1 reaps slowly); a live one is not.
-            if not zombie or time.monotonic() > deadline:
-                raise StateError(f"pid {pid} is taken by a running process: cannot restore "
-                                 "with the original pid", pid=pid)
-            time.sleep(0.005)
+        for tid in [th.tid for th in self.meta.task.threads]:
+            while True:
+                try:
+                    zombie = procfs.read_stat(tid).is_zombie
+                except (ProcessLookupError, FileNotFoundError):
+                    break
+                # A zombie is on its way out (PID 1 reaps slowly); a live one is not.
+                if not zombie or time.monotonic() > deadline:
+                    raise StateError(f"pid {tid} is taken by a running process: cannot "
+                                     "restore with the original pid", pid=tid)
+                time.sleep(0.005)
         try:
             child = task_mod.spawn_with_pid(pid, str(native.binary(native.STUB)),
                                             [native.STUB])
@@ -301,6 +307,7 @@ class RestoreSession:
         meta, task, th = self.meta, self.meta.task, self.meta.task.threads[0]
         # Syscalls run inside the task name it by its pid in its own namespace.
         inside = _ns_pid(self.pid)
+        self._create_threads(inside)
         b = Batch(self.tracee.tramp + DATA_AT)
         table = self.table
         exe_fd = table.open(b, b.cstr(meta.mm.exe), os.O_RDONLY | os.O_CLOEXEC,
@@ -312,38 +319,71 @@ class RestoreSession:
         table.close(b, exe_fd)
         files.restore_fs(b, meta.files)
         signals.restore_sigactions(b, task)
-        signals.restore_altstack(b, th.sigaltstack)
         timers.restore_itimers(b, task)
         timers.restore_posix_timers(b, task, inside)
         rlimits.restore_rlimits(b, task, proctask.read_limits(self.pid))
         identity.restore_session(b, task, self.pid)
         identity.restore_task_attrs(b, task, pdeathsig=not self.our_child)
-        identity.restore_thread_attrs(b, th)
-        signals.restore_pending(b, task, inside, inside)
+        signals.restore_shared_pending(b, task, inside)
         cur_bnd = int(procfs.read_status(self.pid)["CapBnd"], 16)
-        creds.restore_creds(b, th.creds, cur_bnd)
-        identity.restore_late_attrs(b, task, th)
-        seccomp.restore_seccomp(b, th.seccomp_filters, th.seccomp_flags)
+        threads.restore_thread(b, task, th, inside, inside, cur_bnd)
         self.tracee.run_batch(b, self.base)
+        for other, tid in zip(task.threads[1:], self.tids[1:]):
+            b = Batch(self.tracee.tramp + DATA_AT)
+            threads.restore_thread(b, task, other, inside, other.tid, cur_bnd)
+            self.tracee.thread(tid).run_batch(b, self.base)
         self._unmap_trampoline()
-        ptrace.set_regs(self.pid, regs.restart_fixup(ptrace.Regs.unpack(th.regs)))
-        ptrace.set_xstate(self.pid, regs.settable_xstate(th.xstate))
-        ptrace.set_sigmask(self.pid, th.sigmask)
-        cpus = {c for c in range(64) if th.cpu_affinity >> c & 1} or self.own_affinity
-        try:
-            os.sched_setaffinity(self.pid, cpus)
-        except OSError:
-            os.sched_setaffinity(self.pid, self.own_affinity)
+        for t, tid in zip(task.threads, self.tids):
+            ptrace.set_regs(tid, regs.restart_fixup(ptrace.Regs.unpack(t.regs)))
+            ptrace.set_xstate(tid, regs.settable_xstate(t.xstate))
+            ptrace.set_sigmask(tid, t.sigmask)
+            cpus = {c for c in range(64) if t.cpu_affinity >> c & 1} or self.own_affinity
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                os.sched_setaffinity(tid, self.own_affinity)
         ns_pid = _ns_pid(self.pid)
-        ptrace.detach(self.pid, 0)
+        # Threads first, the leader last: the process runs whole once it does.
+        for tid in reversed(self.tids):
+            ptrace.detach(tid, 0)
         for sig in self.tracee.held_signals:
             os.kill(self.pid, sig)
         self.tracee.close()
         os.sched_setaffinity(0, self.own_affinity)
         done = Restored(pid=self.pid, ns_pid=ns_pid,
                         restore_ms=(time.monotonic() - self.started) * 1000)
-        log.info("task_restored", pid=self.pid, restore_ms=round(done.restore_ms, 1))
+        log.info("task_restored", pid=self.pid, threads=len(self.tids),
+                 restore_ms=round(done.restore_ms, 1))
         return done
+
+    def _create_threads(self, inside: int) -> None:
+        """clone3 every thread but the leader, in one batch of the leader,
+        each stopping at birth (PTRACE_O_TRACECLONE)."""
+        assert self.tracee is not None and self.base is not None
+        task = self.meta.task
+        if len(task.threads) == 1:
+            return
+        plain = ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD
+        ptrace.set_options(self.pid, plain | ptrace.PTRACE_O_TRACECLONE)
+        b = Batch(self.tracee.tramp + DATA_AT)
+        tramp = self.tracee.tramp
+        threads.clone_threads(b, task, tramp + DATA_END, STACK_TOP - DATA_END)
+        try:
+            made = self.tracee.run_batch(b, self.base)
+        finally:
+            ptrace.set_options(self.pid, plain)
+            # Whatever was made is ours to wait for and, on failure, to kill.
+            host = ({tid: tid for tid in proctask.list_threads(self.pid)}
+                    if inside == self.pid else threads.host_tids(self.pid))
+            for th in task.threads[1:]:
+                if th.tid in host:
+                    self.tids.append(host[th.tid])
+        if made != [th.tid for th in task.threads[1:]]:
+            raise SystemError_(f"threads were made with ids {made}, not the image's",
+                               pid=self.pid)
+        for tid in self.tids[1:]:
+            threads.wait_born(tid)
+        log.debug("threads_created", pid=self.pid, threads=len(self.tids))
 
     def _unmap_trampoline(self) -> None:
         """munmap the trampoline under PTRACE_SYSCALL: the task stops at the
@@ -376,9 +416,16 @@ class RestoreSession:
             self.tracee.close()
         if self.pid:
             try:
+                made = proctask.list_threads(self.pid)
+            except OSError:
+                made = []   # gone already
+            try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass   # already gone
+            # Traced threads stay zombies until their tracer (we) reaps them,
+            # and the leader cannot be reaped before they are.
+            ptrace.wait_exits(sorted(set(made + self.tids) - {self.pid}), KILL_TIMEOUT)
             try:
                 while True:
                     _, status = os.waitpid(self.pid, 0x40000000)   # __WALL

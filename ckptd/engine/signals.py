@@ -67,12 +67,17 @@ def restore_altstack(batch, raw: bytes) -> None:
     batch.call(sysnr.SIGALTSTACK, ptr, 0, what="sigaltstack")
 
 
-def restore_pending(batch, task: image_pb2.Task, pid: int, tid: int) -> None:
+def restore_shared_pending(batch, task: image_pb2.Task, pid: int) -> None:
     for p in task.shared_pending:
         ptr = batch.put(p.siginfo)
         batch.call(sysnr.RT_SIGQUEUEINFO, pid, p.sig, ptr, what=f"queue signal {p.sig}")
-    for t in task.threads:
-        for p in t.pending:
-            ptr = batch.put(p.siginfo)
-            batch.call(sysnr.RT_TGSIGQUEUEINFO, pid, tid, p.sig, ptr,
-                       what=f"queue thread signal {p.sig}")
+
+
+def restore_thread_pending(batch, th: image_pb2.Thread, pid: int, tid: int) -> None:
+    """Queued from inside the thread itself: only a thread sending to itself
+    may give any si_code (rt_tgsigqueueinfo), and ``tid`` must be its id in
+    its own PID namespace."""
+    for p in th.pending:
+        ptr = batch.put(p.siginfo)
+        batch.call(sysnr.RT_TGSIGQUEUEINFO, pid, tid, p.sig, ptr,
+                   what=f"queue thread signal {p.sig} to {tid}")

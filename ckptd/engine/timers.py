@@ -58,8 +58,11 @@ def restore_posix_timers(batch, task: image_pb2.Task, tid: int) -> None:
         return
     batch.call(sysnr.PRCTL, sysnr.PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0,
                what="PR_TIMER_CREATE_RESTORE_IDS on")
+    others = {th.tid for th in task.threads[1:]}
     for t in sorted(task.posix_timers, key=lambda t: t.id):
-        notify_tid = tid if t.notify == 4 else 0
+        # SIGEV_THREAD_ID: at the thread it named (threads exist by now), or
+        # the leader, which ``tid`` names in the task's own namespace.
+        notify_tid = (t.notify_tid if t.notify_tid in others else tid) if t.notify == 4 else 0
         sev = batch.put(struct.pack("<Qiii", t.sigval, t.signo, t.notify, notify_tid)
                         + b"\0" * 44)
         idp = batch.put(struct.pack("<i", t.id))

@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import struct
+import time
 from dataclasses import dataclass, fields, replace
 
 SYS_PTRACE = 101
@@ -23,6 +24,7 @@ PTRACE_SINGLESTEP = 9
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
@@ -36,9 +38,11 @@ PTRACE_SECCOMP_GET_METADATA = 0x420D
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_O_EXITKILL = 0x100000
 
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXEC = 4
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
@@ -55,6 +59,8 @@ SIGINFO_SIZE = 128
 SIGINFO_BATCH = 64
 
 __WALL = 0x40000000
+# How often wait_exits looks again while no tracee has changed state.
+EXIT_POLL = 0.0005
 
 
 class _Iovec(ctypes.Structure):
@@ -151,6 +157,13 @@ def set_options(pid: int, options: int) -> None:
     _ptrace(PTRACE_SETOPTIONS, pid, 0, options)
 
 
+def get_event_msg(pid: int) -> int:
+    """The message of the last ptrace event (the new tid after a clone event)."""
+    value = ctypes.c_ulong()
+    _ptrace(PTRACE_GETEVENTMSG, pid, 0, ctypes.byref(value))
+    return value.value
+
+
 @dataclass(frozen=True)
 class Stop:
     """What ``wait_stop`` saw: a stop (sig, event) or an exit."""
@@ -186,6 +199,38 @@ def wait_stop(pid: int) -> Stop:
     """The next state change of a tracee (waitpid with __WALL, retried on EINTR)."""
     _, status = os.waitpid(pid, __WALL)
     return Stop(pid, status)
+
+
+def wait_exits(tids: list[int], timeout: float) -> list[int]:
+    """Collect the exits of killed tracees, in whatever order they come: the
+    last thread of a PID namespace's init waits in exit for the namespace's
+    other tasks to be released, which for traced threads means reaped by us.
+    A stop still reported is resumed (the pending SIGKILL ends it). Returns
+    the tids not collected by ``timeout`` seconds."""
+    pending = set(tids)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        progressed = False
+        for tid in sorted(pending):
+            try:
+                got, status = os.waitpid(tid, __WALL | os.WNOHANG)
+            except ChildProcessError:
+                pending.discard(tid)   # not ours (never seized) or already reaped
+                continue
+            if got == 0:
+                continue
+            progressed = True
+            stop = Stop(tid, status)
+            if stop.exited:
+                pending.discard(tid)
+            else:
+                try:
+                    cont(tid, 0)
+                except ProcessLookupError:
+                    pass   # dying: its exit comes next
+        if not progressed:
+            time.sleep(EXIT_POLL)
+    return sorted(pending)
 
 
 def get_regs(pid: int) -> Regs:

@@ -1,5 +1,5 @@
-"""Creating a task with a chosen pid (clone3 ``set_tid``) and taking another
-task's fds (``pidfd_getfd``)."""
+"""Creating a task with a chosen pid (clone3 ``set_tid``), taking another
+task's fds (``pidfd_getfd``), reading another thread's robust list."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import struct
 SYS_CLONE3 = 435
 SYS_PIDFD_GETFD = 438
 SYS_KCMP = 312
+SYS_GET_ROBUST_LIST = 274
 KCMP_FILE = 0
 
 _CLONE_ARGS = struct.Struct("<11Q")
@@ -64,3 +65,14 @@ def same_file(pid: int, fd1: int, fd2: int) -> bool:
         err = ctypes.get_errno()
         raise OSError(err, f"kcmp of fds {fd1} and {fd2} failed: {os.strerror(err)}", pid)
     return ret == 0
+
+
+def robust_list(tid: int) -> tuple[int, int]:
+    """A thread's robust futex list head and its length (get_robust_list)."""
+    head, size = ctypes.c_ulong(), ctypes.c_size_t()
+    ret = _libc().syscall(ctypes.c_long(SYS_GET_ROBUST_LIST), ctypes.c_long(tid),
+                          ctypes.byref(head), ctypes.byref(size))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"get_robust_list of {tid} failed: {os.strerror(err)}", tid)
+    return head.value, size.value

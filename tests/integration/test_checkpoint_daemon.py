@@ -211,7 +211,7 @@ def test_uts_names_come_back(daemon: Daemon, tmp_short: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["signals", "timers", "files", "memory", "regs",
-                                  "limits_creds", "seccomp_rseq"])
+                                  "limits_creds", "seccomp_rseq", "threads"])
 def test_workload_in_a_container(daemon: Daemon, tmp_short: Path, name: str) -> None:
     """A self-checking workload run by the daemon, checkpointed (killed) and
     restarted through the RPCs, then told to verify itself."""

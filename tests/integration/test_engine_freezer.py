@@ -102,3 +102,34 @@ def test_restore_into_a_given_stub(tmp_path: Path) -> None:
             if p.poll() is None:
                 p.kill()
             p.wait(5)
+
+
+def test_threads_in_a_frozen_cgroup(cgroup, tmp_path: Path, request) -> None:
+    """Every thread of a frozen process is seized at once (the set of threads
+    cannot change while frozen); killed through the cgroup and restored."""
+    kind, path, fz = cgroup
+    with Workload.start("threads", tmp_path / "wl") as w:
+        info = w.wait_ready()
+        (path / "cgroup.procs").write_text(str(w.pid))
+        image = tmp_path / "image"
+        with open(image, "wb") as sink:
+            api.checkpoint(w.pid, sink, kill=True, cgroup=str(path), freezer=kind)
+        w.reap()
+        with open(image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: _reap(restored.pid))
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{w.pid}/task"))
+        assert tids == sorted(int(t) for t in info["tids"].split(","))
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass   # not ours, or already reaped

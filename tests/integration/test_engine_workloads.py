@@ -112,29 +112,6 @@ def test_session_leader_stays_leader(tmp_path: Path, request) -> None:
     assert os.getsid(proc.pid) == proc.pid and os.getpgid(proc.pid) == proc.pid
 
 
-def test_threads_are_refused_and_left_running(tmp_path: Path) -> None:
-    require_root()
-    import subprocess
-    import sys
-    from ckptd.errors import UnsupportedError
-    code = "import threading, time; threading.Thread(target=time.sleep, args=(100,)).start(); " \
-           "time.sleep(100)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        with pytest.raises(UnsupportedError) as info:
-            api.checkpoint(proc.pid, open(os.devnull, "wb"), kill=True)
-        assert "threads" in str(info.value)
-        time.sleep(0.05)
-        assert proc.poll() is None
-        with open(f"/proc/{proc.pid}/status") as st:
-            assert "TracerPid:\t0" in st.read()
-    finally:
-        proc.kill()
-        proc.wait(5)
-
-
 SHARED_ANON = r"""
 import mmap, os, sys, time
 d = sys.argv[1]

@@ -31,6 +31,8 @@ SABOTAGE_SAYS = {
     "socket_holder": "the data queued in the socketpair is gone",
     "mem1g": "differs",
     "counter": "heap digest",
+    "threads": "thread 0 (spin): TLS counter",
+    "pythreads": "counter 0 stopped at",
 }
 
 

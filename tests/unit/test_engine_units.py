@@ -209,3 +209,35 @@ def test_container_log_is_relocated(tmp_path) -> None:
     RestoreSession(meta).relocate_log(str(new_log))
     assert [(f.path, f.pos) for f in files.fds] == [(str(new_log), 10), ("/", 0),
                                                      ("/other", 7)]
+
+
+def _thread(tid: int) -> image_pb2.Thread:
+    return image_pb2.Thread(tid=tid, regs=bytes(ptrace.REGS_SIZE), xstate=bytes(1024))
+
+
+@pytest.mark.parametrize("tids", [[], [8, 7], [7, 8, 8], [7, 0], [7, 1 << 22]])
+def test_check_threads_rejects_bad_thread_lists(tids) -> None:
+    from ckptd.engine import threads
+    task = image_pb2.Task(pid=7, threads=[_thread(t) for t in tids])
+    with pytest.raises(errors.ImageError):
+        threads.check_threads(task)
+
+
+def test_check_threads_accepts_a_leader_and_its_threads() -> None:
+    from ckptd.engine import threads
+    threads.check_threads(image_pb2.Task(pid=7, threads=[_thread(t) for t in (7, 9, 8)]))
+
+
+def test_threads_are_cloned_with_their_tids_in_one_batch() -> None:
+    from ckptd.engine import threads
+    task = image_pb2.Task(pid=7, threads=[_thread(t) for t in (7, 9, 8)])
+    b = inject.Batch(inject.DATA_AT)
+    threads.clone_threads(b, task, stack=0x1000, stack_size=0x100)
+    assert [c[0] for c in b.calls] == [sysnr.CLONE3, sysnr.CLONE3]
+    for (_, (args, size), _, _), tid in zip(b.calls, (9, 8)):
+        assert size == 88
+        off = args - inject.DATA_AT
+        fields = struct.unpack_from("<11Q", b.data, off)
+        assert fields[0] == sysnr.CLONE_THREAD_FLAGS and fields[4] == 0   # no exit signal
+        assert fields[9] == 1
+        assert struct.unpack_from("<i", b.data, fields[8] - inject.DATA_AT)[0] == tid

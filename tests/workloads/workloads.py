@@ -74,6 +74,8 @@ WORKLOADS: dict[str, Spec] = {
     "socket_holder": Spec("socket_holder.c"),
     "mem1g": Spec("mem1g.c"),
     "counter": Spec("counter.py"),
+    "threads": Spec("threads.c", ("-pthread",)),
+    "pythreads": Spec("pythreads.py"),
 }
 
 
@@ -378,12 +380,32 @@ def _fds(pid: int) -> dict[str, dict[str, str]]:
     return {str(fd): {"target": target, **infos[fd]} for fd, target in normalize_targets(targets).items()}
 
 
+# What each thread shows in /proc/PID/task/TID/status (besides its comm): the
+# state Linux keeps per thread and that a restore must give each one back.
+THREAD_FIELDS = ("SigBlk", "Uid", "Gid", "CapEff", "NoNewPrivs", "Seccomp", "Cpus_allowed_list")
+
+
+def _threads(pid: int) -> dict[str, dict[str, str]]:
+    base = Path(f"/proc/{pid}/task")
+    out = {}
+    for tid in sorted(os.listdir(base), key=int):
+        try:   # a thread may end while we look
+            status = parse_status((base / tid / "status").read_text(), THREAD_FIELDS)
+            comm = (base / tid / "comm").read_text().rstrip("\n")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[tid] = {"comm": comm, **status}
+    return out
+
+
 def outside_view(pid: int) -> dict:
     """What /proc shows of a process, for before/after comparison: maps, fds
     (target, flags, pos), selected status fields, comm/nice/policy, cmdline,
-    environ, and the exe, cwd and root links."""
+    environ, the exe, cwd and root links, and per thread (by tid) its comm,
+    blocked mask, credentials, seccomp mode and CPU affinity."""
     base = Path(f"/proc/{pid}")
     return {
+        "threads": _threads(pid),
         "maps": parse_maps((base / "maps").read_text()),
         "fds": _fds(pid),
         "status": parse_status((base / "status").read_text()),
@@ -421,10 +443,10 @@ def _flatten(view: dict) -> dict[str, object]:
     for key, value in view.items():
         if key == "maps":
             continue
-        if key == "fds":
+        if key in ("fds", "threads"):
             for fd, info in value.items():
                 for field, v in info.items():
-                    flat[f"fds.{fd}.{field}"] = v
+                    flat[f"{key}.{fd}.{field}"] = v
         elif isinstance(value, dict):
             for field, v in value.items():
                 flat[f"{key}.{field}"] = v
