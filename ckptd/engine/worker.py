@@ -168,5 +168,14 @@ def main() -> int:
     return 0
 
 
+def run() -> None:
+    code = main()
+    # Everything is sent and every file closed: skip the interpreter's
+    # teardown, which took ~60 ms that the daemon (and the caller) waited for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
