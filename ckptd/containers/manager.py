@@ -476,6 +476,7 @@ class ContainerManager:
             uid=spec.uid,
             gid=spec.gid,
             cgroup_join_file=str(freezer.join_file(Path(record.cgroup_path))),
+            cgroup2_dir=record.cgroup_path if freezer.name == "cgroup2" else "",
             starter=starter,
             domainname=record.domainname,
         )

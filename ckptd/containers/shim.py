@@ -66,6 +66,7 @@ class ShimConfig:
     starter: str = "exec"     # "exec": run argv; "stub": become the restore stub
     domainname: str = ""      # set in the new UTS namespace when not empty
     shim_log: str = ""        # the shim's stderr from reading its config on
+    cgroup2_dir: str = ""     # a cgroup2 directory: the init is born in it (no join)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -100,11 +101,13 @@ class InitStarter(Protocol):
         """Runs in the init after enter_container; execs or raises."""
 
 
-def enter_container(cfg: ShimConfig) -> None:
+def enter_container(cfg: ShimConfig, *, in_cgroup: bool = False) -> None:
     """Make the calling process (the new PID namespace's init) the container:
-    its cgroup first, so everything after is accounted and freezable, then
-    its own namespaces and the mounts and names that go with them."""
-    cgroupfs.write_control(Path(cfg.cgroup_join_file), "0")
+    its cgroup first (unless it was born there), so everything after is
+    accounted and freezable, then its own namespaces and the mounts and names
+    that go with them."""
+    if not in_cgroup:
+        cgroupfs.write_control(Path(cfg.cgroup_join_file), "0")
     spaces = [Namespace.UTS, Namespace.IPC, Namespace.MNT]
     if cfg.new_net:
         spaces.append(Namespace.NET)
@@ -198,11 +201,11 @@ def run_shim(cfg: ShimConfig, report_fd: int, starter: InitStarter = exec_comman
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", TTY_ROWS, TTY_COLS, 0, 0))
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     unshare(Namespace.PID)
-    pid = os.fork()
+    pid, in_cgroup = _fork_init(cfg)
     if pid == 0:
         if master is not None:
             os.close(master)
-        _init_child(cfg, InitStdio(log_fd, slave), err_w, starter)
+        _init_child(cfg, InitStdio(log_fd, slave), err_w, starter, in_cgroup)
     os.close(err_w)
     if slave is not None:
         os.close(slave)
@@ -226,10 +229,25 @@ def run_shim(cfg: ShimConfig, report_fd: int, starter: InitStarter = exec_comman
     return 0
 
 
-def _init_child(cfg: ShimConfig, stdio: InitStdio, err_w: int, starter: InitStarter) -> NoReturn:
+def _fork_init(cfg: ShimConfig) -> tuple[int, bool]:
+    """Fork the init: born in its cgroup2 directory where we can (see
+    process.fork_into_cgroup), else forked and joined afterwards."""
+    if cfg.cgroup2_dir:
+        fd = os.open(cfg.cgroup2_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return process.fork_into_cgroup(fd), True
+        except OSError:
+            pass   # an older kernel without CLONE_INTO_CGROUP: join below
+        finally:
+            os.close(fd)
+    return os.fork(), False
+
+
+def _init_child(cfg: ShimConfig, stdio: InitStdio, err_w: int, starter: InitStarter,
+                in_cgroup: bool) -> NoReturn:
     payload: dict[str, Any]
     try:
-        enter_container(cfg)
+        enter_container(cfg, in_cgroup=in_cgroup)
         starter(cfg, stdio)
         payload = {"kind": "system", "error": "the init starter returned"}
     except InitError as e:
