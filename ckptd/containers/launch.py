@@ -3,7 +3,7 @@
 ``start_shim`` returns once the init has exec'd (or raises after reaping the
 shim if it did not). Reaping a shim that started is the ShimReaper's job.
 Starting Python and importing the shim costs ~65 ms, most of a container's
-start, so ``ShimPool`` keeps one shim started ahead, blocked reading its
+start, so ``ShimPool`` keeps shims started ahead, blocked reading their
 config.
 """
 
@@ -15,13 +15,13 @@ import os
 import select
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptd.containers.shim import ShimConfig
+from ckptd.containers.spares import Spares
 from ckptd.errors import SystemError_, TimeoutError_, UsageError
 from ckptd.kernel import process
 
@@ -54,43 +54,22 @@ def spawn_shim(module: str = SHIM_MODULE) -> subprocess.Popen[bytes]:
         raise SystemError_(f"cannot start the container shim: {e}") from e
 
 
-class ShimPool:
-    """Hands out shims, keeping one started ahead of need."""
+# Two: a restart right after a run (or two runs) must not wait for a cold start.
+SPARE_SHIMS = 2
 
-    def __init__(self, module: str = SHIM_MODULE) -> None:
-        self._module = module
-        self._lock = threading.Lock()
-        self._ready: subprocess.Popen[bytes] | None = None
-        self._closed = False
-        threading.Thread(target=self._refill, name="shim-refill", daemon=True).start()
+
+class ShimPool:
+    """Hands out shims, keeping some started ahead of need."""
+
+    def __init__(self, module: str = SHIM_MODULE, count: int = SPARE_SHIMS) -> None:
+        self._spares: Spares[subprocess.Popen[bytes]] = Spares(
+            "shim", count, lambda: spawn_shim(module), lambda p: p.poll() is None, _discard)
 
     def take(self) -> subprocess.Popen[bytes]:
-        with self._lock:
-            proc, self._ready = self._ready, None
-        if proc is None or proc.poll() is not None:
-            proc = spawn_shim(self._module)
-        threading.Thread(target=self._refill, name="shim-refill", daemon=True).start()
-        return proc
+        return self._spares.take()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            proc, self._ready = self._ready, None
-        if proc is not None:
-            _discard(proc)
-
-    def _refill(self) -> None:
-        try:
-            proc = spawn_shim(self._module)
-        except SystemError_:
-            return  # the next take() spawns one itself and reports the error
-        with self._lock:
-            if self._closed or self._ready is not None:
-                spare = proc
-            else:
-                self._ready, spare = proc, None
-        if spare is not None:
-            _discard(spare)
+        self._spares.close()
 
 
 def _discard(proc: subprocess.Popen[bytes]) -> None:

@@ -4,7 +4,7 @@ Every checkpoint or restore runs in its own ``python -m ckptd.engine.worker``:
 ptrace belongs to the thread that attached, and a crash in the engine must
 not take the daemon down. Starting Python and importing the engine costs
 ~200 ms, more than a whole checkpoint of a small process, so ``WorkerPool``
-keeps one worker started ahead, waiting for its request. The worker speaks newline-delimited JSON on a unix
+keeps workers started ahead, waiting for their request. The worker speaks newline-delimited JSON on a unix
 socket whose fd number it finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout (checkpoint) or stdin (restore).
 Closing the handle kills a worker that is still running and reaps it.
 """
@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from ckptd import errors, logs
+from ckptd.containers.spares import Spares
 
 log = structlog.get_logger(__name__)
 
@@ -227,42 +228,20 @@ class Worker:
 
 
 
-class WorkerPool:
-    """Hands out engine workers, keeping one started ahead of need."""
+# Two: a checkpoint followed at once by a restart (a benchmark, a migration)
+# must not wait for a cold start.
+SPARE_WORKERS = 2
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ready: Worker | None = None
-        self._closed = False
-        self._refill()
+
+class WorkerPool:
+    """Hands out engine workers, keeping some started ahead of need."""
+
+    def __init__(self, count: int = SPARE_WORKERS) -> None:
+        self._spares: Spares[Worker] = Spares("worker", count, Worker, Worker.alive,
+                                              Worker.close)
 
     def take(self, *, image_in: bool) -> Worker:
-        with self._lock:
-            worker, self._ready = self._ready, None
-        if worker is None or not worker.alive():
-            if worker is not None:
-                worker.close()
-            worker = Worker()
-        threading.Thread(target=self._refill, name="worker-refill", daemon=True).start()
-        return worker.use(image_in=image_in)
+        return self._spares.take().use(image_in=image_in)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            worker, self._ready = self._ready, None
-        if worker is not None:
-            worker.close()
-
-    def _refill(self) -> None:
-        try:
-            worker = Worker()
-        except errors.CkptdError as e:
-            log.warning("worker_prestart_failed", error=str(e))
-            return  # the next take() starts one itself and reports the error
-        with self._lock:
-            if self._closed or self._ready is not None:
-                spare = worker
-            else:
-                self._ready, spare = worker, None
-        if spare is not None:
-            spare.close()
+        self._spares.close()
