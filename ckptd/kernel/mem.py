@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import functools
 import os
 import struct
 from dataclasses import dataclass
+
+from ckptd.kernel.syscalls import Iovec, libc
 
 SYS_PROCESS_VM_READV = 310
 
@@ -60,15 +61,6 @@ class PageRange:
         return bool(self.categories & PAGE_IS_SWAPPED)
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
 
 
 def scan_present(pagemap_fd: int, start: int, end: int) -> list[PageRange]:
@@ -125,9 +117,9 @@ def scan_present_pagemap(pagemap_fd: int, start: int, end: int) -> list[PageRang
 def read_into(pid: int, addr: int, buf: memoryview) -> int:
     """process_vm_readv of len(buf) bytes at ``addr`` into ``buf``; bytes read."""
     cbuf = (ctypes.c_char * buf.nbytes).from_buffer(buf)
-    local = _Iovec(ctypes.addressof(cbuf), buf.nbytes)
-    remote = _Iovec(addr, buf.nbytes)
-    n = _libc().syscall(ctypes.c_long(SYS_PROCESS_VM_READV), ctypes.c_long(pid),
+    local = Iovec(ctypes.addressof(cbuf), buf.nbytes)
+    remote = Iovec(addr, buf.nbytes)
+    n = libc().syscall(ctypes.c_long(SYS_PROCESS_VM_READV), ctypes.c_long(pid),
                         ctypes.byref(local), ctypes.c_ulong(1), ctypes.byref(remote),
                         ctypes.c_ulong(1), ctypes.c_ulong(0))
     del cbuf

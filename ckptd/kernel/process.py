@@ -13,7 +13,6 @@ import errno
 import os
 import select
 import signal
-import struct
 from collections.abc import Iterator
 
 from ckptd.kernel import procfs, syscalls
@@ -79,9 +78,6 @@ def caught_signals(pid: int) -> frozenset[int]:
     return procfs.parse_signal_mask(procfs.read_status(pid)["SigCgt"])
 
 
-# clone3(2): struct clone_args as of Linux 5.7 (with the cgroup field).
-_CLONE_ARGS = struct.Struct("<11Q")
-_SYS_CLONE3 = 435
 CLONE_INTO_CGROUP = 0x200000000
 
 
@@ -95,14 +91,11 @@ def fork_into_cgroup(cgroup_dir_fd: int) -> int:
     os.fork() does around the system call, but through clone3. Returns 0 in
     the child, the child's pid in the parent; OSError if clone3 refuses (e.g.
     not a cgroup2 directory), with nothing created."""
-    args = _CLONE_ARGS.pack(CLONE_INTO_CGROUP, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0,
-                            cgroup_dir_fd)
-    buf = ctypes.create_string_buffer(args, len(args))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
+    args = syscalls.clone_args(flags=CLONE_INTO_CGROUP, cgroup=cgroup_dir_fd)
     api = ctypes.pythonapi
     api.PyOS_BeforeFork()
-    pid = libc.syscall(_SYS_CLONE3, buf, ctypes.c_size_t(len(args)))
+    pid = syscalls.libc().syscall(syscalls.SYS_CLONE3, args,
+                                  ctypes.c_size_t(syscalls.CLONE_ARGS.size))
     if pid == 0:
         api.PyOS_AfterFork_Child()
         return 0

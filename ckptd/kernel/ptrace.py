@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import os
 import struct
 import time
 from dataclasses import dataclass, fields, replace
+
+from ckptd.kernel.syscalls import Iovec, libc
 
 SYS_PTRACE = 101
 
@@ -63,19 +64,10 @@ __WALL = 0x40000000
 EXIT_POLL = 0.0005
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
 
 
 def _ptrace(request: int, pid: int, addr: object = 0, data: object = 0) -> int:
-    ret = _libc().syscall(ctypes.c_long(SYS_PTRACE), ctypes.c_long(request),
+    ret = libc().syscall(ctypes.c_long(SYS_PTRACE), ctypes.c_long(request),
                           ctypes.c_long(pid), _arg(addr), _arg(data))
     if ret == -1:
         err = ctypes.get_errno()
@@ -235,7 +227,7 @@ def wait_exits(tids: list[int], timeout: float) -> list[int]:
 
 def get_regs(pid: int) -> Regs:
     buf = ctypes.create_string_buffer(REGS_SIZE)
-    iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), REGS_SIZE)
+    iov = Iovec(ctypes.cast(buf, ctypes.c_void_p), REGS_SIZE)
     _ptrace(PTRACE_GETREGSET, pid, NT_PRSTATUS, ctypes.byref(iov))
     return Regs.unpack(buf.raw)
 
@@ -243,20 +235,20 @@ def get_regs(pid: int) -> Regs:
 def set_regs(pid: int, regs: Regs) -> None:
     raw = regs.pack()
     buf = ctypes.create_string_buffer(raw, len(raw))
-    iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), len(raw))
+    iov = Iovec(ctypes.cast(buf, ctypes.c_void_p), len(raw))
     _ptrace(PTRACE_SETREGSET, pid, NT_PRSTATUS, ctypes.byref(iov))
 
 
 def get_xstate(pid: int) -> bytes:
     buf = ctypes.create_string_buffer(XSTATE_BUFFER)
-    iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), XSTATE_BUFFER)
+    iov = Iovec(ctypes.cast(buf, ctypes.c_void_p), XSTATE_BUFFER)
     _ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, ctypes.byref(iov))
     return buf.raw[:iov.len]
 
 
 def set_xstate(pid: int, raw: bytes) -> None:
     buf = ctypes.create_string_buffer(raw, len(raw))
-    iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), len(raw))
+    iov = Iovec(ctypes.cast(buf, ctypes.c_void_p), len(raw))
     _ptrace(PTRACE_SETREGSET, pid, NT_X86_XSTATE, ctypes.byref(iov))
 
 

@@ -4,37 +4,26 @@ task's fds (``pidfd_getfd``), reading another thread's robust list."""
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-import signal
-import struct
 
-SYS_CLONE3 = 435
+from ckptd.kernel.syscalls import CLONE_ARGS, SYS_CLONE3, clone_args, libc
+
 SYS_PIDFD_GETFD = 438
 SYS_KCMP = 312
 SYS_GET_ROBUST_LIST = 274
 KCMP_FILE = 0
 
-_CLONE_ARGS = struct.Struct("<11Q")
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
 
 
 def spawn_with_pid(pid: int, path: str, argv: list[str]) -> int:
     """Fork a child with pid ``pid`` (in the caller's PID namespace) that execs
     ``path`` at once. EEXIST if the pid is taken."""
     tids = (ctypes.c_int32 * 1)(pid)
-    args = ctypes.create_string_buffer(_CLONE_ARGS.pack(
-        0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(tids), 1, 0), _CLONE_ARGS.size)
+    args = clone_args(set_tid=ctypes.addressof(tids), set_tid_size=1)
     path_b = os.fsencode(path)
     argv_b = [os.fsencode(a) for a in argv]
     env: dict[str, str] = {}
-    ret = _libc().syscall(ctypes.c_long(SYS_CLONE3), args, ctypes.c_size_t(_CLONE_ARGS.size))
+    ret = libc().syscall(ctypes.c_long(SYS_CLONE3), args, ctypes.c_size_t(CLONE_ARGS.size))
     if ret == 0:
         # The child: nothing but exec (it shares no state worth keeping).
         try:
@@ -48,7 +37,7 @@ def spawn_with_pid(pid: int, path: str, argv: list[str]) -> int:
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
-    ret = _libc().syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_long(pidfd),
+    ret = libc().syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_long(pidfd),
                           ctypes.c_long(target_fd), ctypes.c_ulong(0))
     if ret < 0:
         err = ctypes.get_errno()
@@ -59,7 +48,7 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
 
 def same_file(pid: int, fd1: int, fd2: int) -> bool:
     """Whether two fds of ``pid`` share one open file description (kcmp)."""
-    ret = _libc().syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid), ctypes.c_long(pid),
+    ret = libc().syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid), ctypes.c_long(pid),
                           ctypes.c_long(KCMP_FILE), ctypes.c_ulong(fd1), ctypes.c_ulong(fd2))
     if ret < 0:
         err = ctypes.get_errno()
@@ -70,7 +59,7 @@ def same_file(pid: int, fd1: int, fd2: int) -> bool:
 def robust_list(tid: int) -> tuple[int, int]:
     """A thread's robust futex list head and its length (get_robust_list)."""
     head, size = ctypes.c_ulong(), ctypes.c_size_t()
-    ret = _libc().syscall(ctypes.c_long(SYS_GET_ROBUST_LIST), ctypes.c_long(tid),
+    ret = libc().syscall(ctypes.c_long(SYS_GET_ROBUST_LIST), ctypes.c_long(tid),
                           ctypes.byref(head), ctypes.byref(size))
     if ret < 0:
         err = ctypes.get_errno()
