@@ -32,7 +32,7 @@ class Spares(Generic[T]):
         self._discard = discard
         self._lock = threading.Lock()
         self._ready: list[T] = []
-        self._filling = False
+        self._filling: threading.Thread | None = None
         self._closed = False
         self._top_up_later()
 
@@ -53,18 +53,25 @@ class Spares(Generic[T]):
         return found if found is not None else self._make()
 
     def close(self) -> None:
+        """Discard the spares, after the one being made, if any: nothing we
+        started may outlive this (not even as a zombie)."""
         with self._lock:
             self._closed = True
+            filling = self._filling
+        if filling is not None:
+            filling.join()
+        with self._lock:
             ready, self._ready = self._ready, []
         for item in ready:
             self._discard(item)
 
     def _top_up_later(self) -> None:
         with self._lock:
-            if self._filling or self._closed:
+            if self._filling is not None or self._closed:
                 return
-            self._filling = True
-        threading.Thread(target=self._top_up, name=f"{self._name}-spares", daemon=True).start()
+            self._filling = threading.Thread(target=self._top_up, name=f"{self._name}-spares",
+                                             daemon=True)
+            self._filling.start()
 
     def _top_up(self) -> None:
         try:
@@ -87,4 +94,4 @@ class Spares(Generic[T]):
                     return
         finally:
             with self._lock:
-                self._filling = False
+                self._filling = None
