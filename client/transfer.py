@@ -4,6 +4,11 @@ A checkpoint image goes to a temporary file next to its destination and is
 renamed into place only once the daemon has sent all of it, so a failed or
 interrupted checkpoint never leaves a truncated image that looks like a good
 one.
+
+On the daemon's unix socket, a regular file need not cross gRPC at all: the
+client opens it (with its own permissions), hands the open descriptor to the
+daemon's side channel ``<socket>.fd`` and names the token it gets back in
+the call; the engine then writes or reads the file itself (``hand_over``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, BinaryIO, Union
@@ -21,6 +28,16 @@ from ckptd.v1 import api_pb2
 # The size of the data chunks sent to Restart: the API asks for at most 1 MiB,
 # large enough that per-message overhead is negligible at disk speed.
 CHUNK_BYTES = 1024 * 1024
+
+# The daemon's side channel for open files, and the byte saying what the
+# file is for (see ckptd/server/auth.py).
+FD_SOCKET_SUFFIX = ".fd"
+IMAGE_OUT, IMAGE_IN = b"w", b"r"
+# "0" makes every Client stream its images, as it must over TCP: for tests
+# and for comparing the two paths.
+LOCAL_FILES_ENV = "CKPTD_LOCAL_FILES"
+HAND_OVER_TIMEOUT = 10.0   # seconds; the daemon answers at once
+MAX_REPLY = 256            # "token " and 32 hex digits, or a short error
 
 # Progress callbacks receive the number of image bytes moved so far.
 ProgressFn = Callable[[int], None]
@@ -134,3 +151,41 @@ def _sync_directory(directory: str) -> None:
 
 def is_path(target: PathOrFile) -> bool:
     return isinstance(target, (str, os.PathLike))
+
+
+def regular_fd(f: object) -> int | None:
+    """The descriptor of ``f`` if it is a regular file: only those are handed
+    to the daemon (pipes and terminals stream)."""
+    try:
+        fd = f.fileno()  # type: ignore[attr-defined]
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def hand_over(socket_path: str, fd: int, mode: bytes) -> str | None:
+    """Give the daemon at ``socket_path`` the open file ``fd``; the token that
+    names it in one call, or None if the daemon takes no files (no side
+    channel, an older daemon: then the image streams). A refusal raises
+    ``ValueError`` with the daemon's reason."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(HAND_OVER_TIMEOUT)
+        try:
+            sock.connect(socket_path + FD_SOCKET_SUFFIX)
+            socket.send_fds(sock, [mode], [fd])
+            reply = b""
+            while not reply.endswith(b"\n") and len(reply) < MAX_REPLY:
+                data = sock.recv(MAX_REPLY)
+                if not data:
+                    return None   # refused without a word: the call will say why
+                reply += data
+        except OSError:
+            return None
+    kind, _, rest = reply.decode(errors="replace").strip().partition(" ")
+    if kind == "token" and rest:
+        return rest
+    raise ValueError(rest or reply.decode(errors="replace"))
+
+
+def file_offset(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_CUR)

@@ -6,11 +6,14 @@ tracks progress for ``Status``, and once the whole image has gone out tells
 the worker to resume the tree (``leave_running``) or kill it. If anything
 fails, or the caller goes away before the image is complete, the tree is
 resumed: a failed checkpoint leaves it running as if nothing happened.
+
+Given a caller's own file (``image_fd``), the worker writes the image there
+itself and nothing is yielded; progress then comes from the worker's reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,26 +42,40 @@ class Target:
 
 
 def checkpoint(manager: ContainerManager, operations: Operations, workers: WorkerPool,
-               target: Target, leave_running: bool) -> Iterator[bytes]:
-    """Image bytes, in chunks, as the engine produces them."""
+               target: Target, leave_running: bool, *, image_fd: int | None = None,
+               caller_waits: Callable[[], bool] = lambda: True) -> Iterator[bytes]:
+    """Image bytes, in chunks, as the engine produces them; none if the
+    engine writes them into ``image_fd`` (which stays the caller's to close).
+    ``caller_waits`` False once the caller has gone away."""
     request, container_id = _request(manager, target)
+    local = image_fd is not None
     with operations.track(Kind.CHECKPOINT, container_id or f"pid:{target.pid}") as op, \
-            workers.take(image_in=False) as worker:
+            workers.take(image_in=False, pipe=not local) as worker:
         op.update(phase="starting the engine")
-        worker.request(request)
+        worker.request(request, image_fd)
         sent = 0
         dumped: dict[str, Any] | None = None
         finished = False
         try:
-            for kind, item in worker.events():
-                if kind == "data":
-                    sent += len(item)
-                    op.update(bytes_done=sent)
-                    yield item
-                    continue
-                dumped = _control(item, op) or dumped
+            if not local:
+                for kind, item in worker.events():
+                    if kind == "data":
+                        sent += len(item)
+                        op.update(bytes_done=sent)
+                        yield item
+                        continue
+                    dumped = _control(item, op) or dumped
             while dumped is None:
-                dumped = _control(worker.receive(FINISH_TIMEOUT), op)
+                # No timeout with a file: the dump itself happens meanwhile.
+                dumped = _control(worker.receive(None if local else FINISH_TIMEOUT), op, local)
+            if local:
+                sent = int(dumped.get("bytes", 0))
+                op.update(bytes_done=sent)
+                # Nothing was yielded, so nothing noticed a caller that went
+                # away: it must find its target running, as after a cancel.
+                if not caller_waits():
+                    raise errors.StateError("the caller went away before the checkpoint "
+                                            "was complete")
             op.update(phase="finishing")
             worker.send({"finish": "resume" if leave_running else "kill"})
             while True:
@@ -79,7 +96,8 @@ def checkpoint(manager: ContainerManager, operations: Operations, workers: Worke
         if not leave_running and container_id:
             manager.note(container_id, KILLED_NOTE)
         log.info("checkpoint_done", container=container_id or None, pid=target.pid or None,
-                 bytes=sent, leave_running=leave_running, **_figures(dumped, reply))
+                 bytes=sent, leave_running=leave_running, local_file=local,
+                 **_figures(dumped, reply))
 
 
 def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any], str]:
@@ -105,13 +123,16 @@ def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any],
              "source": {"kind": "host"}}, "")
 
 
-def _control(message: dict[str, Any], op) -> dict[str, Any] | None:
-    """Apply one control message; the ``dumped`` report when it is that."""
+def _control(message: dict[str, Any], op, count_bytes: bool = False) -> dict[str, Any] | None:
+    """Apply one control message; the ``dumped`` report when it is that.
+    ``count_bytes``: the image bytes are not seen here, take the worker's count."""
     if "error" in message:
         raise error_from(message["error"])
     if "progress" in message:
         p = message["progress"]
         op.update(phase=p.get("phase"), bytes_total=p.get("bytes_total"))
+        if count_bytes:
+            op.update(bytes_done=p.get("bytes_done"))
         return None
     if "dumped" in message:
         return message["dumped"]

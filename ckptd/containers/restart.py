@@ -8,6 +8,9 @@ the recorded hostname and network); for an image of a host process, nothing
 manager adopts it into a container record of its own). When the worker has
 restored and detached the tree, the container is registered; if anything
 fails, everything created is removed and the first error is reported.
+
+Given a caller's own file (``image_fd``), the worker reads the image from it
+itself and nothing is uploaded.
 """
 
 from __future__ import annotations
@@ -38,22 +41,29 @@ RECEIVE_AHEAD_POLL = 0.1   # seconds; how soon an abandoned receiver notices
 
 def restart(manager: ContainerManager, operations: Operations, workers: WorkerPool,
             chunks: Iterator[bytes | memoryview], *, name: str = "",
-            owner_uid: int = 0) -> ContainerInfo:
-    with operations.track(Kind.RESTART, "") as op, workers.take(image_in=True) as worker, \
+            owner_uid: int = 0, image_fd: int | None = None) -> ContainerInfo:
+    """Restart from the uploaded ``chunks``, or from ``image_fd`` (a file of
+    the caller's, which stays the caller's to close) if given."""
+    local = image_fd is not None
+    with operations.track(Kind.RESTART, "") as op, \
+            workers.take(image_in=True, pipe=not local) as worker, \
             contextlib.ExitStack() as undo:
-        op.update(phase="receiving the image")
-        feeder = _Feeder(worker, chunks, op)
-        feeder.start()
-        undo.callback(feeder.stop)
-        worker.request({"op": "restore", "target": "container"})
+        op.update(phase="reading the image" if local else "receiving the image")
+        feeder = None if local else _Feeder(worker, chunks, op)
+        if feeder is not None:
+            feeder.start()
+            undo.callback(feeder.stop)
+        worker.request({"op": "restore", "target": "container"}, image_fd)
         container: ContainerInfo | None = None
         while True:
             message = _next(worker, feeder)
             if "error" in message:
-                raise feeder.error or error_from(message["error"])
+                raise _upload_error(feeder) or error_from(message["error"])
             if "progress" in message:
-                op.update(phase=message["progress"].get("phase"),
-                          bytes_total=message["progress"].get("bytes_total"))
+                p = message["progress"]
+                op.update(phase=p.get("phase"), bytes_total=p.get("bytes_total"))
+                if local:   # the worker's count: no bytes pass through here
+                    op.update(bytes_done=p.get("bytes_done"))
             elif "need" in message:
                 need = message["need"]
                 source = need.get("source") or {}
@@ -72,9 +82,10 @@ def restart(manager: ContainerManager, operations: Operations, workers: WorkerPo
             elif "restored" in message:
                 restored = message["restored"]
                 break
-        feeder.join()
-        if feeder.error is not None:
-            raise feeder.error
+        if feeder is not None:
+            feeder.join()
+            if feeder.error is not None:
+                raise feeder.error
         worker.wait()
         if container is not None:
             info = manager.finish_stub(container.id)
@@ -82,18 +93,23 @@ def restart(manager: ContainerManager, operations: Operations, workers: WorkerPo
             info = manager.adopt(int(restored["pid"]), name=name, owner_uid=owner_uid)
         undo.pop_all()
         log.info("restart_done", container=info.id, pid=info.init_pid,
-                 restore_ms=restored.get("restore_ms"))
+                 restore_ms=restored.get("restore_ms"), local_file=local)
         return info
 
 
-def _next(worker: Worker, feeder: _Feeder) -> dict[str, Any]:
+def _next(worker: Worker, feeder: _Feeder | None) -> dict[str, Any]:
     try:
         return worker.receive(RESTORE_TIMEOUT)
     except errors.CkptdError:
         # The worker died: an upload error is the first cause, if there was one.
-        if feeder.error is not None:
-            raise feeder.error from None
+        upload = _upload_error(feeder)
+        if upload is not None:
+            raise upload from None
         raise
+
+
+def _upload_error(feeder: _Feeder | None) -> errors.CkptdError | None:
+    return None if feeder is None else feeder.error
 
 
 def _discard(manager: ContainerManager, cid: str) -> None:

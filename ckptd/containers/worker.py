@@ -5,7 +5,9 @@ ptrace belongs to the thread that attached, and a crash in the engine must
 not take the daemon down. Starting Python and importing the engine costs
 ~200 ms, more than a whole checkpoint of a small process, so ``WorkerPool``
 keeps workers started ahead, waiting for their request. The worker speaks newline-delimited JSON on a unix
-socket whose fd number it finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout (checkpoint) or stdin (restore).
+socket whose fd number it finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout (checkpoint) or stdin (restore),
+or, when the request says ``"image_fd": true``, through a caller's file whose
+descriptor comes attached to the request (SCM_RIGHTS on the control socket).
 Closing the handle kills a worker that is still running and reaps it.
 """
 
@@ -87,16 +89,21 @@ class Worker:
             theirs.close()
         log.debug("worker_started", worker_pid=self.proc.pid)
 
-    def use(self, *, image_in: bool) -> Worker:
-        """Close our end of the pipe this operation does not use."""
-        unused = self.proc.stdout if image_in else self.proc.stdin
-        assert unused is not None
-        unused.close()
-        if image_in:
-            self.proc.stdout = None
-        else:
-            self.proc.stdin = None
+    def use(self, *, image_in: bool, pipe: bool = True) -> Worker:
+        """Close our end of the pipes this operation does not use: the image
+        pipe of the other direction, and this one too if the image goes
+        through a file (``pipe`` False)."""
+        if image_in or not pipe:
+            self._close_pipe("stdout")
+        if not image_in or not pipe:
+            self._close_pipe("stdin")
         return self
+
+    def _close_pipe(self, name: str) -> None:
+        stream = getattr(self.proc, name)
+        assert stream is not None
+        stream.close()
+        setattr(self.proc, name, None)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -107,16 +114,21 @@ class Worker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, message: dict[str, Any]) -> None:
+    def request(self, message: dict[str, Any], image_fd: int | None = None) -> None:
         """The operation's first message, with the log context of the call
-        (a worker started ahead of time could not inherit it)."""
+        (a worker started ahead of time could not inherit it) and the image
+        file, if it is a caller's, attached."""
         context = {k: v for k, v in structlog.contextvars.get_contextvars().items()
                    if isinstance(v, (str, int, float, bool))}
-        self.send({**message, "log_context": context})
+        self.send({**message, "log_context": context, "image_fd": image_fd is not None},
+                  image_fd)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], fd: int | None = None) -> None:
+        data = (json.dumps(message) + "\n").encode()
         try:
-            self.control.sendall((json.dumps(message) + "\n").encode())
+            sent = 0 if fd is None else socket.send_fds(self.control, [data], [fd])
+            if sent < len(data):   # not even b"": a worker done already would raise EPIPE
+                self.control.sendall(data[sent:])
         except OSError as e:
             raise errors.SystemError_(f"the engine worker is gone ({e.strerror}); "
                                       f"{self._exit_text()}") from e
@@ -240,8 +252,8 @@ class WorkerPool:
         self._spares: Spares[Worker] = Spares("worker", count, Worker, Worker.alive,
                                               Worker.close)
 
-    def take(self, *, image_in: bool) -> Worker:
-        return self._spares.take().use(image_in=image_in)
+    def take(self, *, image_in: bool, pipe: bool = True) -> Worker:
+        return self._spares.take().use(image_in=image_in, pipe=pipe)
 
     def close(self) -> None:
         self._spares.close()

@@ -2,7 +2,9 @@
 
 The daemon talks to it over a unix socket (fd $CKPTD_CONTROL_FD, default 3)
 with newline-delimited JSON; image bytes go out on stdout (checkpoint) or
-come in on stdin (restore). The protocol is described in
+come in on stdin (restore), unless the request has ``"image_fd": true``: then
+the image goes to or comes from the caller's own file, whose descriptor is
+attached to the request message. The protocol is described in
 ``ckptd/containers/worker.py`` (the daemon's side) and below, step by step.
 Every failure is one ``{"error": {kind, message, context}}`` line and exit 1,
 after resuming (checkpoint) or killing what was built (restore).
@@ -16,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -35,6 +37,7 @@ OUT_BUFFER = 1 << 20
 # size) lets each side move a whole chunk per wake-up.
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
+MAX_FDS = 1   # the daemon attaches at most the image file to a message
 
 
 def _grow_pipe(fd: int) -> None:
@@ -48,6 +51,7 @@ class Control:
     def __init__(self, fd: int) -> None:
         self.sock = socket.socket(fileno=fd)
         self.buffer = b""
+        self.fds: list[int] = []   # received with the messages, not yet taken
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.sendall((json.dumps(message) + "\n").encode())
@@ -55,12 +59,20 @@ class Control:
     def receive(self) -> dict[str, Any] | None:
         """The next message; None once the daemon closed the socket."""
         while b"\n" not in self.buffer:
-            data = self.sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, MAX_FDS)
+            for fd in fds:
+                os.set_inheritable(fd, False)   # never into a restored task
+            self.fds += fds
             if not data:
                 return None
             self.buffer += data
         line, _, self.buffer = self.buffer.partition(b"\n")
         return json.loads(line)
+
+    def take_fd(self) -> int:
+        if len(self.fds) != 1:
+            raise errors.BugError(f"expected one image file descriptor, got {len(self.fds)}")
+        return self.fds.pop()
 
 
 def error_report(e: BaseException) -> dict[str, Any]:
@@ -82,10 +94,21 @@ def error_report(e: BaseException) -> dict[str, Any]:
     return {"kind": kind, "message": message, "context": ctx}
 
 
+def image_file(ctl: Control, req: dict[str, Any], mode: str) -> BinaryIO:
+    """Where the image goes ("wb") or comes from ("rb"): the caller's own
+    file if the daemon attached one, else our pipe to the daemon."""
+    if req.get("image_fd"):
+        return os.fdopen(ctl.take_fd(), mode, buffering=OUT_BUFFER)
+    std = 1 if mode == "wb" else 0
+    _grow_pipe(std)
+    f = os.fdopen(os.dup(std), mode, buffering=OUT_BUFFER)
+    if std == 1:
+        os.close(1)   # only `f` holds the pipe now: closing it ends the image
+    return f
+
+
 def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:
-    _grow_pipe(1)
-    out = os.fdopen(os.dup(1), "wb", buffering=OUT_BUFFER)
-    os.close(1)   # only `out` holds the pipe now: closing it ends the image
+    out = image_file(ctl, req, "wb")
 
     def progress(phase: str, done: int, total: int) -> None:
         ctl.send({"progress": {"phase": phase, "bytes_done": done, "bytes_total": total}})
@@ -113,8 +136,7 @@ def run_restore(ctl: Control, req: dict[str, Any]) -> None:
     target = req.get("target", "host")
     if target not in ("host", "container"):
         raise errors.UsageError(f"bad restore target {target!r}")
-    _grow_pipe(0)
-    stdin = os.fdopen(os.dup(0), "rb", buffering=OUT_BUFFER)
+    source = image_file(ctl, req, "rb")
 
     def stub(need: dict[str, Any]) -> dict[str, Any] | None:
         ctl.send({"need": need})
@@ -134,7 +156,8 @@ def run_restore(ctl: Control, req: dict[str, Any]) -> None:
     def progress(phase: str, done: int, total: int) -> None:
         ctl.send({"progress": {"phase": phase, "bytes_done": done, "bytes_total": total}})
 
-    done = api.restore(stdin, target=target, stub=stub, progress=progress)
+    with source:
+        done = api.restore(source, target=target, stub=stub, progress=progress)
     ctl.send({"restored": {"pid": done.pid, "ns_pid": done.ns_pid,
                            "restore_ms": round(done.restore_ms, 2)}})
 

@@ -29,7 +29,7 @@ from ckptd.containers.worker import WorkerPool
 from ckptd.errors import CkptdError
 from ckptd.kernel.process import set_child_subreaper
 from ckptd.server import config as configuration
-from ckptd.server.auth import PeerTable, UnixFront
+from ckptd.server.auth import LocalFiles, PeerTable, UnixFront
 from ckptd.server.notify import notify
 from ckptd.server.service import Servicer, add_to_server, daemon_info
 from ckptd.v1 import api_pb2
@@ -71,6 +71,7 @@ class Daemon:
     def __init__(self, cfg: configuration.Config) -> None:
         self.cfg = cfg
         self.peers = PeerTable()
+        self.local_files = LocalFiles()
         self.operations = Operations()
         self.private_dir = cfg.state_dir / "run"
         self.manager: ContainerManager | None = None
@@ -96,8 +97,8 @@ class Daemon:
         server = grpc.server(futures.ThreadPoolExecutor(RPC_WORKERS, thread_name_prefix="rpc"),
                              options=options)
         info = daemon_info(self.manager, str(cfg.state_dir), cfg.cgroup_root)
-        add_to_server(Servicer(self.manager, self.operations, self.workers, self.peers, info),
-                      server)
+        add_to_server(Servicer(self.manager, self.operations, self.workers, self.peers, info,
+                               self.local_files), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -120,7 +121,8 @@ class Daemon:
             log.info("tcp_listening", listen=cfg.listen, tls=not cfg.insecure)
         server.start()
         self.server = server
-        self.front = UnixFront(cfg.socket, backend, self.peers, cfg.socket_group)
+        self.front = UnixFront(cfg.socket, backend, self.peers, cfg.socket_group,
+                               files=self.local_files)
         self.front.start()
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

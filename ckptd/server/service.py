@@ -29,7 +29,7 @@ from ckptd.containers.restart import restart
 from ckptd.containers.worker import WorkerPool
 from ckptd.errors import PermissionError_, UnsupportedError, UsageError
 from ckptd.image import decode_bytes_field, encode_bytes_field
-from ckptd.server.auth import Peer, PeerTable
+from ckptd.server.auth import IMAGE_IN, IMAGE_OUT, LocalFiles, Peer, PeerTable
 from ckptd.server.errors import status_of
 from ckptd.v1 import api_pb2 as pb
 from ckptd.v1 import api_pb2_grpc
@@ -158,12 +158,18 @@ def _rpc(stream: bool = False) -> Callable:
 
 class Servicer(api_pb2_grpc.CkptdServicer):
     def __init__(self, manager: ContainerManager, operations: Operations, workers: WorkerPool,
-                 peers: PeerTable, daemon_info: pb.DaemonInfo) -> None:
+                 peers: PeerTable, daemon_info: pb.DaemonInfo,
+                 local_files: LocalFiles | None = None) -> None:
         self.manager = manager
         self.workers = workers
         self.operations = operations
         self.peers = peers
         self.daemon_info = daemon_info
+        self.local_files = LocalFiles() if local_files is None else local_files
+
+    def _local_file(self, token: str, mode: str, caller: Peer) -> int | None:
+        """The caller's own file behind ``token`` (ours to close), if one was named."""
+        return self.local_files.take(token, mode, caller) if token else None
 
     def _owned(self, ref: str, caller: Peer) -> ContainerInfo:
         """The container ``ref``, if the caller may act on it."""
@@ -254,18 +260,26 @@ class Servicer(api_pb2_grpc.CkptdServicer):
 
     @_rpc(stream=True)
     def Checkpoint(self, request, context, caller):
-        which = request.WhichOneof("target")
-        if which == "id":
-            target = Target(container=self._owned(request.id, caller).id)
-        elif which == "pid":
-            if not caller.is_root:
-                raise PermissionError_("only root may checkpoint host processes by pid")
-            target = Target(pid=request.pid)
-        else:
-            raise UsageError("checkpoint needs a container id or a pid")
-        for chunk in checkpoint(self.manager, self.operations, self.workers, target,
-                                request.leave_running):
-            yield encode_bytes_field(CHUNK_DATA, chunk)   # a serialized ImageChunk
+        image_fd = self._local_file(request.local_output_token, IMAGE_OUT, caller)
+        try:
+            which = request.WhichOneof("target")
+            if which == "id":
+                target = Target(container=self._owned(request.id, caller).id)
+            elif which == "pid":
+                if not caller.is_root:
+                    raise PermissionError_("only root may checkpoint host processes by pid")
+                target = Target(pid=request.pid)
+            else:
+                raise UsageError("checkpoint needs a container id or a pid")
+            # With a file of the caller's, nothing is yielded: the engine
+            # writes the image there itself.
+            for chunk in checkpoint(self.manager, self.operations, self.workers, target,
+                                    request.leave_running, image_fd=image_fd,
+                                    caller_waits=context.is_active):
+                yield encode_bytes_field(CHUNK_DATA, chunk)   # a serialized ImageChunk
+        finally:
+            if image_fd is not None:
+                os.close(image_fd)
 
     @_rpc()
     def Restart(self, request_iterator, context, caller):
@@ -276,9 +290,17 @@ class Servicer(api_pb2_grpc.CkptdServicer):
         first = next(request_iterator, None)
         if not isinstance(first, pb.RestartRequest) or first.WhichOneof("part") != "options":
             raise UsageError("a restart stream starts with its options message")
-        chunks = _image_data(request_iterator)
-        info = restart(self.manager, self.operations, self.workers, chunks,
-                       name=first.options.name, owner_uid=caller.uid)
+        image_fd = self._local_file(first.options.local_input_token, IMAGE_IN, caller)
+        try:
+            # A client reading a local file half-closes right after the options.
+            if image_fd is not None and next(request_iterator, None) is not None:
+                raise UsageError("a restart from a local file takes no image data messages")
+            info = restart(self.manager, self.operations, self.workers,
+                           _image_data(request_iterator), name=first.options.name,
+                           owner_uid=caller.uid, image_fd=image_fd)
+        finally:
+            if image_fd is not None:
+                os.close(image_fd)
         structlog.contextvars.bind_contextvars(container=info.id)
         return container_message(info)
 

@@ -5,8 +5,10 @@ Run on purpose (not by pytest), as root, after `pip install .`:
     python tests/bench/bench_cr.py [--repeat 3] [--mib 1024] [--dirs /dev/shm /var/tmp]
 
 For (a) `sleep` and (b) a process holding MIB of touched, non-zero anonymous
-memory, in a container of a fresh daemon: checkpoint (image streamed over
-gRPC to a file on each file system), kill, restart from that file. Prints
+memory, in a container of a fresh daemon: checkpoint into a file on each
+file system, kill, restart from that file. The client hands the file to the
+daemon, whose engine writes and reads it directly; with --stream the image
+crosses gRPC instead (the path of remote clients), for comparison. Prints
 dump, restore and frozen times, image size, and the throughput of a plain
 copy of the same memory (process_vm_readv into a buffer, written to a new
 file on the same file system, measured in the same run) so the engine's
@@ -91,8 +93,9 @@ def figures_from_log(d: Daemon, event: str) -> dict:
     return found
 
 
-def one_round(d: Daemon, argv: list[str], ready, directory: Path, label: str) -> dict:
-    with d.client() as c:
+def one_round(d: Daemon, argv: list[str], ready, directory: Path, label: str,
+              local_files: bool) -> dict:
+    with d.client(local_files=local_files) as c:
         ctr = c.run(argv)
         ready(ctr)
         plain = plain_copy(ctr.init_pid, directory) if label != "sleep" else (0.0, 0)
@@ -118,6 +121,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--mib", type=int, default=1024)
     p.add_argument("--dirs", nargs="+", default=["/dev/shm", "/var/tmp"])
+    p.add_argument("--stream", action="store_true",
+                   help="stream images over gRPC instead of handing the daemon the files")
     args = p.parse_args()
     from workloads.workloads import build   # the self-checking workloads' builder
     mem = build("mem1g")
@@ -130,6 +135,7 @@ def main() -> None:
 
         def mem_ready(ctrdir: Path):
             return lambda ctr: wait_for(lambda: (ctrdir / "ready").exists(), 120, "mem1g ready")
+        print("images " + ("streamed over gRPC" if args.stream else "through local files"))
         print(f"{'case':<14}{'fs':<10}{'dump s':>9}{'restore s':>11}{'frozen ms':>11}"
               f"{'image MiB':>11}{'engine GB/s':>13}{'plain GB/s':>12}{'ratio':>7}")
         for directory in map(Path, args.dirs):
@@ -139,9 +145,11 @@ def main() -> None:
                     ctrdir = root / f"w{i}-{label.replace(' ', '')}-{directory.name}"
                     ctrdir.mkdir()
                     if label == "sleep":
-                        rows.append(one_round(d, ["sleep", "1000"], lambda c: None, directory, "sleep"))
+                        rows.append(one_round(d, ["sleep", "1000"], lambda c: None, directory, "sleep",
+                                         not args.stream))
                     else:
-                        rows.append(one_round(d, mem_argv(ctrdir), mem_ready(ctrdir), directory, label))
+                        rows.append(one_round(d, mem_argv(ctrdir), mem_ready(ctrdir), directory, label,
+                                         not args.stream))
                 med = {k: statistics.median([r[k] or 0 for r in rows]) for k in rows[0]}
                 gbps = med["image_bytes"] / med["dump_s"] / 1e9
                 plain = med["plain_bytes"] / med["plain_s"] / 1e9 if med["plain_s"] else 0
