@@ -1,0 +1,102 @@
+"""Process trees: the 50-process ``tree`` workload checkpointed (killed) and
+restored on the host through the in-process API and in a container through
+the daemon, twice in a row there; every process must come back with its pid,
+parent, process group and session, and the tree must then check itself."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import wait_for
+from helpers import require_root
+from workloads.workloads import Workload, build
+
+from ckptd.engine import api
+
+pytestmark = pytest.mark.root
+
+TASKS = 50
+
+
+def tree_ids(root: int) -> set[tuple[int, int, int, int]]:
+    """(pid, ppid, pgid, sid) of every process under ``root``, all as seen in
+    the tree's own PID namespace (ppid of the root: 0)."""
+    ns_of: dict[int, int] = {}
+    rows = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        ns_of[pid] = int(st["NSpid"].split()[-1])
+        rows.append((pid, int(st["PPid"]), int(st["NSpgid"].split()[-1]),
+                     int(st["NSsid"].split()[-1])))
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+    return {(ns_of[p], 0 if p == root else ns_of[pp], pg, s) for p, pp, pg, s in rows}
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        assert time.monotonic() < deadline, "the dumped tree did not go away"
+        time.sleep(0.01)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        os.kill(pid, 9)      # PR_SET_PDEATHSIG takes the rest
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def test_tree_on_the_host(tmp_path: Path, request) -> None:
+    require_root()
+    with Workload.start("tree", tmp_path / "wl") as w:
+        w.wait_ready()
+        before = tree_ids(w.pid)
+        assert len(before) == TASKS
+        image = tmp_path / "image"
+        with open(image, "wb") as f:
+            api.checkpoint(w.pid, f, kill=True)
+        w.reap()
+        _wait_gone([p for p, *_ in before])
+        with open(image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: _kill_tree(restored.pid))
+        assert restored.pid == w.pid
+        assert tree_ids(w.pid) == before
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_tree_in_a_container_twice(daemon, tmp_short: Path) -> None:
+    """checkpoint -> restart -> checkpoint -> restart, the tree intact each time."""
+    wdir = tmp_short / "tree"
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build("tree")), str(wdir)], cwd=str(wdir))
+        wait_for(lambda: (wdir / "ready").exists(), 20, "tree to be ready")
+        before = tree_ids(ctr.init_pid)
+        assert len(before) == TASKS
+        ids = [ctr.id]
+        for _ in range(2):
+            image = b"".join(c.checkpoint(ids[-1]))
+            new = c.restart(iter([image]))
+            ids.append(new.id)
+            assert tree_ids(new.init_pid) == before
+        (wdir / "go").touch()
+        result = wait_for(lambda: (wdir / "result").exists() and (wdir / "result").read_text(),
+                          20, "tree to verify itself")
+        assert result.strip() == "PASS", result + b"".join(c.logs(ids[-1])).decode()
+        for x in reversed(ids):
+            c.delete(x, force=True)
