@@ -126,9 +126,11 @@ class DumpSession:
             freezer_mod.make_freezer(freezer or "cgroup2", V1_MOUNT, V2_MOUNT)
             if cgroup else None)
         self.procs: list[_Proc] = []  # parents before children, the root first
+        self.zombies: list[int] = []  # unreaped children (host pids): not seized
         self.frozen_at = 0.0
         self.own_affinity = os.sched_getaffinity(0)
         self.collected: list[dict[str, Any]] = []
+        self.zombie_tasks: list[image_pb2.Task] = []
         self.origin: image_pb2.Origin | None = None
 
     @property
@@ -164,8 +166,10 @@ class DumpSession:
             frontier = []
             for p, _ in level:
                 for child in proctask.read_children(p.pid):
-                    _check_stoppable(child, p.pid)
-                    frontier.append(child)
+                    if _check_stoppable(child, p.pid):
+                        frontier.append(child)
+                    else:
+                        self.zombies.append(child)
         if self.freezer is not None:
             # The interrupt trap is taken once the task runs again; it stays
             # stopped under ptrace, which the freezer counts as frozen.
@@ -236,12 +240,12 @@ class DumpSession:
         """Everything but page contents; UnsupportedError before any change."""
         pids = [p.pid for p in self.procs]
         if self.freezer is not None:
-            others = sorted(set(self.freezer.procs(self.cgroup)) - set(pids))
+            others = sorted(set(self.freezer.procs(self.cgroup)) - set(pids + self.zombies))
             if others:
                 raise UnsupportedError(f"cgroup {self.cgroup} holds processes {others} "
                                        f"outside the tree of pid {self.pid}",
                                        pid=self.pid, kind="children")
-        to_ns = {pid: tree.ns_pid(pid) for pid in pids}
+        to_ns = {pid: tree.ns_pid(pid) for pid in pids + self.zombies}
         next_vma = 1
         for p in self.procs:
             c = self._collect_process(p, next_vma)
@@ -249,9 +253,10 @@ class DumpSession:
             next_vma += len(c["mm"].vmas)
             self.collected.append(c)
         tree.check_shared(pids, [c["files"] for c in self.collected])
+        self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
         root_mm = self.collected[0]["mm"]
         self.origin = _origin(self.pid, source or {"kind": "host"}, root_mm,
-                              [to_ns[pid] for pid in pids])
+                              [to_ns[pid] for pid in pids + self.zombies])
 
     def _collect_process(self, p: _Proc, first_vma: int) -> dict[str, Any]:
         pid = p.pid
@@ -316,6 +321,8 @@ class DumpSession:
             writer.write_message(RecordType.RECORD_TYPE_FILES, c["files"])
             for d in c["file_data"]:
                 writer.write_message(RecordType.RECORD_TYPE_FILE_DATA, d)
+        for z in self.zombie_tasks:
+            writer.write_message(RecordType.RECORD_TYPE_TASK, z)
         meta = writer.bytes_written
         total = meta + page_total
         if progress:
@@ -397,7 +404,8 @@ class DumpSession:
         log.info("task_killed", pid=self.pid)
 
 
-def _check_stoppable(pid: int, parent: int | None) -> None:
+def _check_stoppable(pid: int, parent: int | None) -> bool:
+    """Whether ``pid`` can be seized; False for a zombie child of the tree."""
     try:
         stat = procfs.read_stat(pid)
     except (ProcessLookupError, FileNotFoundError):
@@ -407,11 +415,9 @@ def _check_stoppable(pid: int, parent: int | None) -> None:
         raise UnsupportedError(f"the main thread of pid {pid} has exited and "
                                f"{stat.num_threads - 1} other threads run on; such a "
                                "process cannot be checkpointed yet", pid=pid, kind="threads")
-    if stat.is_zombie and parent is not None:
-        raise UnsupportedError(f"pid {parent} has an unreaped child {pid} (a zombie), which "
-                               "cannot be checkpointed yet", pid=pid, kind="zombie")
-    if stat.is_zombie:
+    if stat.is_zombie and parent is None:
         raise StateError(f"pid {pid} is a zombie", pid=pid)
+    return not stat.is_zombie
 
 
 def _quiet(fn: Callable[[], object]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -112,15 +113,24 @@ def read_tree(reader: ImageReader) -> tuple[list[Metadata], Iterator, PageRecord
     if not groups:
         raise ImageError("no TASK record before the page data", record="TASK")
     need = {RecordType.RECORD_TYPE_MM: "MM", RecordType.RECORD_TYPE_FILES: "FILES"}
-    procs = []
+    procs: list[Metadata] = []
+    zombies: list[Metadata] = []
     for found, fdata in zip(groups, data):
+        task = found[RecordType.RECORD_TYPE_TASK]
+        if task.zombie:
+            if len(found) > 1 or fdata:
+                raise ImageError(f"zombie {task.pid} with an address space or files",
+                                 record="TASK")
+            zombies.append(Metadata(origin, task, image_pb2.Mm(), image_pb2.Files(), {}))
+            continue
         for t, name in need.items():
             if t not in found:
                 raise ImageError(f"no {name} record before the page data", record=name)
-        procs.append(Metadata(origin, found[RecordType.RECORD_TYPE_TASK],
-                              found[RecordType.RECORD_TYPE_MM],
+        procs.append(Metadata(origin, task, found[RecordType.RECORD_TYPE_MM],
                               found[RecordType.RECORD_TYPE_FILES], fdata))
-    tree.check_tree([m.task for m in procs])
+    if groups[0][RecordType.RECORD_TYPE_TASK].zombie:
+        raise ImageError("the root task is a zombie", record="TASK")
+    tree.check_tree([m.task for m in procs + zombies])
     ids: set[int] = set()
     for m in procs:
         validate(m)
@@ -128,7 +138,7 @@ def read_tree(reader: ImageReader) -> tuple[list[Metadata], Iterator, PageRecord
         if ids & mine:
             raise ImageError(f"task {m.task.pid} reuses VMA ids of another task", record="MM")
         ids |= mine
-    return procs, records, first_page
+    return procs + zombies, records, first_page
 
 
 def validate(meta: Metadata) -> None:
@@ -355,6 +365,39 @@ class RestoreSession:
         b.call(sysnr.WAIT4, pid, 0, 0x40000000, 0, what=f"reap the helper {pid}")  # __WALL
         self.tracee.run_batch(b, self.base)
         self.helper_tids.remove(host)
+
+    def reap_later(self, zombie: RestoreSession) -> None:
+        """``zombie`` (this task's child, a stub copy) dies as it had died,
+        with the same wait status, and is left for this task to reap. The
+        signal it sends this task (blocked while we work) is taken back: the
+        original was delivered long ago."""
+        assert self.tracee is not None and self.base is not None
+        assert zombie.tracee is not None
+        host, status = zombie.pid, zombie.meta.task.wait_status
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig != signal.SIGKILL:
+                b = Batch(self.tracee.tramp + DATA_AT)
+                b.call(sysnr.RT_SIGACTION, sig, b.put(bytes(32), 8), 0, 8,
+                       what=f"default action for signal {sig}")
+                zombie.tracee.run_batch(b, self.base)
+                ptrace.set_sigmask(host, 0)
+            os.kill(host, sig)
+        else:
+            ptrace.set_regs(host, self.base.with_(rip=self.tracee.tramp, rax=sysnr.EXIT_GROUP,
+                                                  orig_rax=-1, rdi=os.WEXITSTATUS(status)))
+        ptrace.cont(host)
+        while not (stop := ptrace.wait_stop(host)).exited:
+            ptrace.cont(host, stop.sig if stop.event == 0 else 0)
+        zombie.tracee.close()
+        zombie.tracee = None
+        zombie.pid = 0    # dead; this task reaps it when it will
+        if zombie.meta.task.exit_signal:
+            b = Batch(self.tracee.tramp + DATA_AT)
+            sigset = struct.pack("<Q", 1 << (zombie.meta.task.exit_signal - 1))
+            b.call(sysnr.RT_SIGTIMEDWAIT, b.put(sigset, 8), 0, b.put(bytes(16), 8), 8,
+                   may_fail=True, what="take back the exit signal of a zombie")
+            self.tracee.run_batch(b, self.base)
 
     # -- the address space --
     def build(self) -> None:
@@ -616,12 +659,13 @@ def restore(reader: ImageReader, *, target: str = "host",
             s.relocate_log(log_path)
         root.create_task(stub_pid)
         _make_tree(sessions)
-        for s in sessions:
+        live = [s for s in sessions if not s.meta.task.zombie]
+        for s in live:
             s.build()
         with root.unpinned():
-            _fill_pages(sessions, reader, records, first, progress)
-        done = [s.finish() for s in sessions]
-        for s in reversed(sessions):
+            _fill_pages(live, reader, records, first, progress)
+        done = [s.finish() for s in live]
+        for s in reversed(live):
             s.release()
         os.sched_setaffinity(0, root.own_affinity)
         log.info("tree_restored", pid=done[0].pid, tasks=len(done),
@@ -642,6 +686,7 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
     of the group's first member, takes the lead of the group in the parent's
     session; once every member is in, it exits and its parent reaps it."""
     pids = {s.meta.task.pid for s in sessions}
+    by_pid = {s.meta.task.pid: s for s in sessions}
     helper_by: dict[int, list[int]] = {}   # parent pid -> groups it makes helpers for
     for s in sessions:
         g = s.meta.task.pgid
@@ -669,6 +714,9 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
         s.join_group()
     for parent, pid, host in helpers:
         parent.end_helper(pid, host)
+    for s in sessions:
+        if s.meta.task.zombie:
+            by_pid[s.meta.task.ppid].reap_later(s)
 
 
 def _wait_pids_free(procs: list[Metadata]) -> None:
@@ -676,7 +724,7 @@ def _wait_pids_free(procs: list[Metadata]) -> None:
     way out (PID 1 reaps slowly), a live one is not."""
     deadline = time.monotonic() + PID_FREE_TIMEOUT
     for m in procs:
-        for tid in [th.tid for th in m.task.threads]:
+        for tid in [th.tid for th in m.task.threads] or [m.task.pid]:
             while True:
                 try:
                     zombie = procfs.read_stat(tid).is_zombie

@@ -27,6 +27,7 @@ PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
 # minutes to rebuild task by task).
 MAX_TASKS = 4096
 _STAT_EXIT_SIGNAL = 35        # field 38 of /proc/PID/stat, counted after the comm
+_STAT_EXIT_CODE = 49          # field 52: a zombie's wait status
 
 
 def exit_signal(pid: int) -> int:
@@ -47,6 +48,17 @@ def dump_place(pid: int, task: image_pb2.Task, to_ns: dict[int, int], root: int)
     task.pgid = int(st.get("NSpgid", "0").split()[-1])
     task.sid = int(st.get("NSsid", "0").split()[-1])
     task.exit_signal = exit_signal(pid)
+
+
+def dump_zombie(pid: int, to_ns: dict[int, int], root: int) -> image_pb2.Task:
+    """An unreaped child: its place in the tree and the status its parent
+    will reap."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    task = image_pb2.Task(pid=to_ns[pid], host_pid=pid, zombie=True,
+                          wait_status=int(fields[_STAT_EXIT_CODE]) & 0xFFFF)
+    dump_place(pid, task, to_ns, root)
+    return task
 
 
 def check_shared(pids: list[int], fds: list[image_pb2.Files]) -> None:
