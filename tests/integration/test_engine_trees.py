@@ -100,3 +100,38 @@ def test_tree_in_a_container_twice(daemon, tmp_short: Path) -> None:
         assert result.strip() == "PASS", result + b"".join(c.logs(ids[-1])).decode()
         for x in reversed(ids):
             c.delete(x, force=True)
+
+
+def test_zombies_on_the_host(tmp_path: Path, request) -> None:
+    require_root()
+    with Workload.start("zombie", tmp_path / "wl") as w:
+        w.wait_ready()
+        before = tree_ids(w.pid)
+        image = tmp_path / "image"
+        with open(image, "wb") as f:
+            api.checkpoint(w.pid, f, kill=True)
+        w.reap()
+        _wait_gone([p for p, *_ in before])
+        with open(image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: _kill_tree(restored.pid))
+        assert tree_ids(w.pid) == before
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_zombies_in_a_container(daemon, tmp_short: Path) -> None:
+    wdir = tmp_short / "zombie"
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build("zombie")), str(wdir)], cwd=str(wdir))
+        wait_for(lambda: (wdir / "ready").exists(), 20, "zombie to be ready")
+        before = tree_ids(ctr.init_pid)
+        new = c.restart(iter([b"".join(c.checkpoint(ctr.id))]))
+        assert tree_ids(new.init_pid) == before
+        (wdir / "go").touch()
+        result = wait_for(lambda: (wdir / "result").exists() and (wdir / "result").read_text(),
+                          20, "zombie to verify itself")
+        assert result.strip() == "PASS", result + b"".join(c.logs(new.id)).decode()
+        for x in (new.id, ctr.id):
+            c.delete(x, force=True)

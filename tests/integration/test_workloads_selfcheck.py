@@ -34,6 +34,7 @@ SABOTAGE_SAYS = {
     "threads": "thread 0 (spin): TLS counter",
     "pythreads": "counter 0 stopped at",
     "tree": ": pgid: got",
+    "zombie": "exit 7 (pid",
 }
 
 
