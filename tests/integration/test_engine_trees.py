@@ -41,6 +41,11 @@ def tree_ids(root: int) -> set[tuple[int, int, int, int]]:
     return {(ns_of[p], 0 if p == root else ns_of[pp], pg, s) for p, pp, pg, s in rows}
 
 
+def procfs_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while any(os.path.exists(f"/proc/{p}") for p in pids):
@@ -135,3 +140,74 @@ def test_zombies_in_a_container(daemon, tmp_short: Path) -> None:
         assert result.strip() == "PASS", result + b"".join(c.logs(new.id)).decode()
         for x in (new.id, ctr.id):
             c.delete(x, force=True)
+
+
+SHARING = r"""
+import mmap, os, sys, time
+what, path = sys.argv[1], sys.argv[2]
+if what == "memory":
+    m = mmap.mmap(-1, 1 << 20)                  # MAP_SHARED | MAP_ANONYMOUS
+    m[0] = 1
+else:
+    f = open(path, "w+")                        # one description, one offset
+pid = os.fork()
+if pid == 0:
+    time.sleep(1000)
+open(path + ".ready", "w").close()
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("what,says", [("memory", "share anonymous MAP_SHARED memory"),
+                                       ("file", "share one open file description")])
+def test_sharing_between_processes_is_refused(what: str, says: str, tmp_path: Path) -> None:
+    """Refused before anything is written, naming both pids; the tree runs on."""
+    require_root()
+    import subprocess
+    import sys
+    from ckptd.errors import UnsupportedError
+    path = tmp_path / "shared"
+    child = 0
+    proc = subprocess.Popen([sys.executable, "-c", SHARING, what, str(path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "shared.ready").exists(), 10, "the tree to start")
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            child = int(f.read().split()[0])
+        with open(tmp_path / "image", "wb") as f, pytest.raises(UnsupportedError) as e:
+            api.checkpoint(proc.pid, f, kill=True)
+        assert says in str(e.value) and str(proc.pid) in str(e.value), e.value
+        assert proc.poll() is None and procfs_state(child) in "SR"
+    finally:
+        for pid in (child, proc.pid):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.wait(5)
+
+
+def test_a_taken_pid_is_named(tmp_path: Path) -> None:
+    """Host trees need their pids free: a restore fails naming the one taken
+    and leaves nothing behind."""
+    require_root()
+    from ckptd.errors import StateError
+    from ckptd.kernel import task as task_mod
+    with Workload.start("zombie", tmp_path / "wl") as w:
+        ready = w.wait_ready()
+        before = tree_ids(w.pid)
+        with open(tmp_path / "image", "wb") as f:
+            api.checkpoint(w.pid, f, kill=True)
+        w.reap()
+        _wait_gone([p for p, *_ in before])
+        taken = int(ready["waiter"])
+        squatter = task_mod.spawn_with_pid(taken, "/bin/sleep", ["sleep", "100"])
+        try:
+            with open(tmp_path / "image", "rb") as f, pytest.raises(StateError) as e:
+                api.restore(f)
+            assert f"pid {taken} is taken" in str(e.value)
+            assert not os.path.exists(f"/proc/{w.pid}")
+        finally:
+            os.kill(squatter, 9)
+            os.waitpid(squatter, 0)
