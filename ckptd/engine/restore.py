@@ -297,6 +297,10 @@ class RestoreSession:
             b.call(sysnr.SETSID, what="setsid")
         elif task.group_leader and pgid != task.pid:
             b.call(sysnr.SETPGID, 0, 0, what="setpgid")
+        if task.child_subreaper:
+            # Now, not with the other attributes: orphans of helpers that exit
+            # while the tree is made must come to this task.
+            b.call(sysnr.PRCTL, sysnr.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, what="subreaper")
         self.tracee.run_batch(b, self.base)
 
     def join_group(self) -> None:
@@ -647,10 +651,8 @@ def restore(reader: ImageReader, *, target: str = "host",
     stub_pid, log_path = (answer.get("pid"), answer.get("log_path") or "") \
         if isinstance(answer, dict) else (answer, "")
     sessions = [RestoreSession(m, target=target) for m in procs]
-    pids = {m.task.pid for m in procs}
     for s in sessions:
         s.started = started
-        s.tree_pids = pids
     root = sessions[0]
     try:
         if stub_pid is None:
@@ -681,39 +683,75 @@ def restore(reader: ImageReader, *, target: str = "host",
 def _make_tree(sessions: list[RestoreSession]) -> None:
     """Every task, as a stub, with its pid, parent, session and group.
 
-    A group whose leader has exited can only be made by a task with its pid:
-    a helper, cloned (exit signal 0: its parent hears nothing) by the parent
-    of the group's first member, takes the lead of the group in the parent's
-    session; once every member is in, it exits and its parent reaps it."""
+    A group or session whose leader has exited can only be made by a task
+    with its pid: a helper (exit signal 0: its parent hears nothing) takes
+    the lead, and exits once every member is in; its parent reaps it. A
+    group helper is cloned by whoever clones the group's first member, in
+    that one's session. A session helper is cloned by the root and clones
+    the session's members whose parent is outside it: they were orphans
+    reparented to the root, and become so again when the helper exits
+    (the root must be the namespace's init or a child subreaper)."""
+    root = sessions[0]
     pids = {s.meta.task.pid for s in sessions}
     by_pid = {s.meta.task.pid: s for s in sessions}
-    helper_by: dict[int, list[int]] = {}   # parent pid -> groups it makes helpers for
-    for s in sessions:
+    cloner = {s.meta.task.pid: s.meta.task.ppid for s in sessions[1:]}
+    session_helpers: list[RestoreSession] = []
+    for s in sessions[1:]:
+        t = s.meta.task
+        if t.sid in pids or t.sid == root.meta.task.sid or by_pid[t.ppid].meta.task.sid == t.sid:
+            continue
+        if t.ppid != root.meta.task.pid or not (root.meta.task.pid == 1
+                                                or root.meta.task.child_subreaper):
+            raise UnsupportedError(f"pid {t.pid} is in session {t.sid}, whose leader has "
+                                   f"exited, under parent {t.ppid} that is not the tree's "
+                                   "reaper: not supported yet", pid=t.pid, kind="session")
+        if t.sid not in cloner:
+            h = RestoreSession(Metadata(root.meta.origin, image_pb2.Task(
+                pid=t.sid, ppid=root.meta.task.pid, sid=t.sid, pgid=t.sid,
+                session_leader=True), image_pb2.Mm(), image_pb2.Files(), {}))
+            session_helpers.append(h)
+            by_pid[t.sid] = h
+            cloner[t.sid] = root.meta.task.pid
+        cloner[t.pid] = t.sid
+    helper_by: dict[int, list[int]] = {}   # cloner pid -> groups it makes helpers for
+    made_groups: set[int] = set(by_pid)
+    for s in sessions[1:]:
         g = s.meta.task.pgid
-        if g and g not in pids and s is not sessions[0] and \
-                not any(g in v for v in helper_by.values()):
-            helper_by.setdefault(s.meta.task.ppid, []).append(g)
+        if g and g not in made_groups:
+            helper_by.setdefault(cloner[s.meta.task.pid], []).append(g)
+            made_groups.add(g)
+    order = [root] + session_helpers + sessions[1:]
+    for s in order:
+        s.tree_pids = pids
+        s.helpers = made_groups - pids
     helpers: list[tuple[RestoreSession, int, int]] = []   # (parent, ns pid, host pid)
-    for s in sessions:
-        s.helpers = {g for v in helper_by.values() for g in v}
-    for s in sessions:   # parents first: each is adopted before it clones
+    for s in order:   # parents first: each is adopted before it clones
         s.map_trampoline()
         s.lead()
-        mine = [image_pb2.Task(pid=g, exit_signal=0) for g in helper_by.get(s.meta.task.pid, [])]
-        children = [c for c in sessions[1:] if c.meta.task.ppid == s.meta.task.pid]
+        me = s.meta.task.pid
+        mine = [image_pb2.Task(pid=g, exit_signal=0) for g in helper_by.get(me, [])]
+        children = [c for c in order[1:] if cloner[c.meta.task.pid] == me]
         made = s.clone_children(mine + [c.meta.task for c in children])
         for g, host in zip(mine, made):
             s.lead_group_for(host, g.pid)
             helpers.append((s, g.pid, host))
         for c, host in zip(children, made[len(mine):]):
             c.adopt(host, s)
-    for s in sessions:
+            if c in session_helpers:
+                root.helper_tids.append(host)    # killed with the root on failure
+    for s in order:
         if not s.pid:
             raise BugError(f"task {s.meta.task.pid} was never made (parent "
                            f"{s.meta.task.ppid} not in the tree?)")
         s.join_group()
     for parent, pid, host in helpers:
         parent.end_helper(pid, host)
+    for h in session_helpers:
+        assert h.tracee is not None
+        h.tracee.close()
+        h.tracee = None
+        root.end_helper(h.meta.task.pid, h.pid)
+        h.pid = 0
     for s in sessions:
         if s.meta.task.zombie:
             by_pid[s.meta.task.ppid].reap_later(s)
