@@ -5,7 +5,8 @@
  *   child 1      leads its own group, its children stay in it
  *   child 2      its children 0-2 joined a group whose leader has exited
  *   child 6      an orphan: made by a helper that exited, reparented to the
- *                root (a child subreaper), not its creator's child any more
+ *                root (a child subreaper), not its creator's child any more;
+ *                it and its children stay in the helper's session and group
  *
  * Every process writes DIR/p.PID ("pid ppid pgid sid") before ready, counts
  * while it waits, and after go checks that the four ids and its counter
@@ -186,6 +187,7 @@ static void orphan_maker(int unused)
 {
 	(void)unused;
 	ids[0] = getpid();
+	SETUP(setsid());   /* the orphan's session and group outlive their leader */
 	pid_t pid = fork();
 	if (pid < 0)
 		wl_die("fork");
