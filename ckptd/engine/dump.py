@@ -155,6 +155,7 @@ class DumpSession:
         while frontier:
             level = []
             for pid in frontier:
+                tree.check_vfork(pid)
                 p = _Proc(pid)
                 self.procs.append(p)
                 level.append((p, self._seize_first(p)))
