@@ -251,3 +251,16 @@ def test_a_vfork_child_in_progress_is_refused(tmp_path: Path) -> None:
                 except ProcessLookupError:
                     pass
         proc.wait(5)
+
+
+def test_tree_left_running(tmp_path: Path) -> None:
+    """A checkpoint without kill lets every process of the tree go on untouched."""
+    require_root()
+    with Workload.start("tree", tmp_path / "wl") as w:
+        w.wait_ready()
+        before = tree_ids(w.pid)
+        with open(tmp_path / "image", "wb") as f:
+            api.checkpoint(w.pid, f, kill=False)
+        assert tree_ids(w.pid) == before
+        w.go()
+        assert w.result() == "PASS", w.output()
