@@ -1,11 +1,12 @@
-"""Checkpoint and restore of one process and all its threads (process trees
-come later).
+"""Checkpoint and restore of a process tree: every process under a root (a
+container's init or a host pid), all its threads, zombies, sessions, groups.
 
     api.py        in-process entry points: checkpointed(), checkpoint(), restore()
     worker.py     ``python -m ckptd.engine.worker``: the daemon's JSON protocol
     dump.py       DumpSession: freeze -> seize -> check/collect -> write -> resume|kill
     restore.py    read/validate -> stub -> layout -> pages -> finish -> registers
     inject.py     syscalls inside a stopped task: single-step, and the batch runner
+    tree.py       the tree: parents, groups, sessions, zombies; what processes may not share
     one module per resource, each with dump_x / restore_x:
     memory.py     VMAs, pages, vdso, mm fields (PR_SET_MM_MAP)
     regs.py       registers, xstate, syscall restart fixups

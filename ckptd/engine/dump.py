@@ -1,7 +1,8 @@
 """Checkpoint orchestration: freeze -> seize -> check -> collect -> write,
 then resume or kill as the caller asks.
 
-Every thread is seized and interrupted (a process that is not frozen may
+Every process of the tree under the root is seized, top down (tree.py
+says what each records of its place). Every thread is seized and interrupted (a process that is not frozen may
 make new threads meanwhile: seize until a listing shows no new one); the
 process-wide state is injected through the leader, each thread's own through
 itself (threads.py).
@@ -25,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from ckptd.engine import files, identity, memory, rlimits, signals, threads, timers
+from ckptd.engine import files, identity, memory, rlimits, signals, threads, timers, tree
 from ckptd.engine.inject import Tracee
 from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageWriter, new_header
@@ -104,8 +105,18 @@ def _find_gadget(tracee: Tracee, vmas: list[proctask.SmapsVma]) -> int:
                            pid=tracee.pid, kind="no vdso")
 
 
+class _Proc:
+    """One seized process of the tree: its threads (host tids, leader first)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tids: list[int] = []
+        self.tracee: Tracee | None = None
+
+
 class DumpSession:
-    """One checkpoint of one process: ``start``, ``collect``, ``write``, ``finish``."""
+    """One checkpoint of the process tree under ``pid``: ``start``,
+    ``collect``, ``write``, ``finish``."""
 
     def __init__(self, pid: int, *, cgroup: str | None = None,
                  freezer: str | None = None) -> None:
@@ -114,29 +125,21 @@ class DumpSession:
         self.freezer: Freezer | None = (
             freezer_mod.make_freezer(freezer or "cgroup2", V1_MOUNT, V2_MOUNT)
             if cgroup else None)
-        self.seized = False
-        self.tids: list[int] = []     # seized threads (host tids), leader first
+        self.procs: list[_Proc] = []  # parents before children, the root first
+        self.zombies: list[int] = []  # unreaped children (host pids): not seized
         self.frozen_at = 0.0
-        self.tracee: Tracee | None = None
-        self.injector: DumpInjector | None = None
         self.own_affinity = os.sched_getaffinity(0)
-        self.held_signals: list[int] = []
-        self.collected: dict[str, Any] = {}
+        self.collected: list[dict[str, Any]] = []
+        self.zombie_tasks: list[image_pb2.Task] = []
+        self.origin: image_pb2.Origin | None = None
+
+    @property
+    def seized(self) -> bool:
+        return any(p.tids for p in self.procs)
 
     # -- stopping --
     def start(self) -> None:
-        try:
-            stat = procfs.read_stat(self.pid)
-        except ProcessLookupError:
-            raise NotFoundError(f"no process with pid {self.pid}", pid=self.pid) from None
-        if stat.is_zombie and stat.num_threads > 1:
-            # pthread_exit in main: the leader is a zombie, its threads run on.
-            raise UnsupportedError(f"the main thread of pid {self.pid} has exited and "
-                                   f"{stat.num_threads - 1} other threads run on; such a "
-                                   "process cannot be checkpointed yet", pid=self.pid,
-                                   kind="threads")
-        if stat.is_zombie:
-            raise StateError(f"pid {self.pid} is a zombie", pid=self.pid)
+        _check_stoppable(self.pid, None)
         self.frozen_at = time.monotonic()
         if self.freezer is not None:
             try:
@@ -144,45 +147,73 @@ class DumpSession:
             except OSError as e:
                 raise SystemError_(f"cannot freeze {self.cgroup}: {e}") from e
         _pin_next_to(self.pid)
-        try:
-            ptrace.seize(self.pid, 0)
-            self.seized = True
-            self.tids = [self.pid]
-            ptrace.interrupt(self.pid)
-        except OSError as e:
-            raise SystemError_(f"cannot seize pid {self.pid}: {e.strerror}",
-                               pid=self.pid) from e
-        waiting = [self.pid] + self._seize_new()
+        # Top down: a stopped parent cannot fork, so once a process is
+        # stopped its list of children is final. Frozen tasks take the
+        # interrupt trap only once thawed, but a frozen tree cannot fork either.
+        frontier = [self.pid]
+        waiting: list[tuple[_Proc, list[int]]] = []
+        while frontier:
+            level = []
+            for pid in frontier:
+                tree.check_vfork(pid)
+                p = _Proc(pid)
+                self.procs.append(p)
+                level.append((p, self._seize_first(p)))
+            if self.freezer is None:
+                for p, tids in level:
+                    self._settle(p, tids)
+            else:
+                waiting += level
+            frontier = []
+            for p, _ in level:
+                for child in proctask.read_children(p.pid):
+                    if _check_stoppable(child, p.pid):
+                        frontier.append(child)
+                    else:
+                        self.zombies.append(child)
         if self.freezer is not None:
             # The interrupt trap is taken once the task runs again; it stays
             # stopped under ptrace, which the freezer counts as frozen.
             self.freezer.thaw(self.cgroup, FREEZE_TIMEOUT)
-        # Threads not frozen may make new threads until they stop: seize
-        # those too, until a listing shows nothing new (stopped threads
-        # cannot clone).
+            for p, tids in waiting:
+                self._settle(p, tids)
+        for p in self.procs:
+            p.tracee = Tracee(p.pid)
+
+    def _seize_first(self, p: _Proc) -> list[int]:
+        try:
+            ptrace.seize(p.pid, 0)
+            p.tids = [p.pid]
+            ptrace.interrupt(p.pid)
+        except OSError as e:
+            raise SystemError_(f"cannot seize pid {p.pid}: {e.strerror}", pid=p.pid) from e
+        return [p.pid] + self._seize_new(p)
+
+    def _settle(self, p: _Proc, waiting: list[int]) -> None:
+        """Wait for every thread's stop. Threads not frozen may make new
+        threads until they stop: seize those too, until a listing shows
+        nothing new (stopped threads cannot clone)."""
         for _ in range(SEIZE_ROUNDS):
             for tid in waiting:
-                self._wait_interrupted(tid)
-            waiting = self._seize_new()
+                self._wait_interrupted(p, tid)
+            waiting = self._seize_new(p)
             if not waiting:
-                break
-        else:
-            raise StateError(f"pid {self.pid} keeps making threads", pid=self.pid)
-        self.tracee = Tracee(self.pid)
+                return
+        raise StateError(f"pid {p.pid} keeps making threads", pid=p.pid)
 
-    def _seize_new(self) -> list[int]:
+    def _seize_new(self, p: _Proc) -> list[int]:
         new = []
-        for tid in proctask.list_threads(self.pid):
-            if tid in self.tids:
+        for tid in proctask.list_threads(p.pid):
+            if tid in p.tids:
                 continue
             try:
                 ptrace.seize(tid, 0)
             except ProcessLookupError:
                 continue    # it exited meanwhile
             except OSError as e:
-                raise SystemError_(f"cannot seize thread {tid} of pid {self.pid}: "
-                                   f"{e.strerror}", pid=self.pid) from e
-            self.tids.append(tid)
+                raise SystemError_(f"cannot seize thread {tid} of pid {p.pid}: "
+                                   f"{e.strerror}", pid=p.pid) from e
+            p.tids.append(tid)
             new.append(tid)
             try:
                 ptrace.interrupt(tid)
@@ -190,15 +221,15 @@ class DumpSession:
                 pass   # exiting: its exit is what the wait will see
         return new
 
-    def _wait_interrupted(self, tid: int) -> None:
+    def _wait_interrupted(self, p: _Proc, tid: int) -> None:
         while True:
             stop = ptrace.wait_stop(tid)
             if stop.exited:
-                self.tids.remove(tid)
-                if tid == self.pid:
-                    self.seized = False
-                    raise NotFoundError(f"pid {self.pid} exited while being seized",
-                                        pid=self.pid)
+                p.tids.remove(tid)
+                if tid == p.pid:
+                    p.tids = []
+                    raise NotFoundError(f"pid {p.pid} exited while being seized",
+                                        pid=p.pid)
                 return     # a thread that ended: nothing to dump
             if stop.event == ptrace.PTRACE_EVENT_STOP:
                 return
@@ -208,26 +239,39 @@ class DumpSession:
     # -- collecting --
     def collect(self, source: dict[str, Any] | None = None) -> None:
         """Everything but page contents; UnsupportedError before any change."""
-        pid = self.pid
-        assert self.tracee is not None
-        children = proctask.read_children(pid)
-        if children:
-            raise UnsupportedError(f"pid {pid} has child processes {children}; process "
-                                   "trees cannot be checkpointed yet", pid=pid, kind="children")
+        pids = [p.pid for p in self.procs]
         if self.freezer is not None:
-            others = sorted(set(self.freezer.procs(self.cgroup)) - {pid})
+            others = sorted(set(self.freezer.procs(self.cgroup)) - set(pids + self.zombies))
             if others:
-                raise UnsupportedError(f"cgroup {self.cgroup} holds other processes {others}",
-                                       pid=pid, kind="children")
+                raise UnsupportedError(f"cgroup {self.cgroup} holds processes {others} "
+                                       f"outside the tree of pid {self.pid}",
+                                       pid=self.pid, kind="children")
+        to_ns = {pid: tree.ns_pid(pid) for pid in pids + self.zombies}
+        next_vma = 1
+        for p in self.procs:
+            c = self._collect_process(p, next_vma)
+            tree.dump_place(p.pid, c["task"], to_ns, self.pid)
+            next_vma += len(c["mm"].vmas)
+            self.collected.append(c)
+        tree.check_shared(pids, [c["files"] for c in self.collected])
+        self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
+        root_mm = self.collected[0]["mm"]
+        self.origin = _origin(self.pid, source or {"kind": "host"}, root_mm,
+                              [to_ns[pid] for pid in pids + self.zombies])
+
+    def _collect_process(self, p: _Proc, first_vma: int) -> dict[str, Any]:
+        pid = p.pid
+        assert p.tracee is not None
+        _pin_next_to(pid)
         fds, file_data = files.dump_files(pid)
         vmas = proctask.read_smaps(pid)
-        self.injector = inj = DumpInjector(self.tracee, ptrace.get_regs(pid), vmas)
+        inj = DumpInjector(p.tracee, ptrace.get_regs(pid), vmas)
         try:
             brk = inj.call(sysnr.BRK, 0)
-            mm, spans = memory.dump_mm(pid, brk)
+            mm, spans = memory.dump_mm(pid, brk, first_vma)
             dumped = [threads.dump_thread(pid, inj, inj.regs),
-                      *self._dump_threads(vmas, inj.gadget)]
-            ns_tids = {tid: th.tid for tid, th in zip(self.tids, dumped)}
+                      *self._dump_threads(p, vmas, inj.gadget)]
+            ns_tids = {tid: th.tid for tid, th in zip(p.tids, dumped)}
             task = image_pb2.Task(pid=ns_tids[pid], host_pid=pid, threads=dumped,
                                   sigactions=signals.dump_sigactions(inj),
                                   shared_pending=signals.dump_pending(pid, shared=True),
@@ -239,65 +283,69 @@ class DumpSession:
             identity.dump_task_attrs(pid, inj, task)
         finally:
             inj.restore()
-        origin = _origin(pid, source or {"kind": "host"}, mm)
-        self.collected = dict(origin=origin, task=task, mm=mm, files=fds,
-                              file_data=file_data, spans=spans)
+        return dict(pid=pid, task=task, mm=mm, files=fds, file_data=file_data, spans=spans)
 
-    def _dump_threads(self, vmas: list[proctask.SmapsVma], gadget: int
+    def _dump_threads(self, p: _Proc, vmas: list[proctask.SmapsVma], gadget: int
                       ) -> list[image_pb2.Thread]:
         """Every thread but the leader, in tid order. We move to each one's
         CPU before injecting through it (round trips across CPUs cost ~10x),
         taking them CPU by CPU."""
-        assert self.tracee is not None
+        assert p.tracee is not None
         out = {}
-        by_cpu = sorted(self.tids[1:], key=lambda tid: (_cpu_of(tid), tid))
+        by_cpu = sorted(p.tids[1:], key=lambda tid: (_cpu_of(tid), tid))
         try:
             for tid in by_cpu:
                 _pin_next_to(tid)
-                inj = DumpInjector(self.tracee.thread(tid), ptrace.get_regs(tid), vmas, gadget)
+                inj = DumpInjector(p.tracee.thread(tid), ptrace.get_regs(tid), vmas, gadget)
                 try:
                     out[tid] = threads.dump_thread(tid, inj, inj.regs)
                 finally:
                     inj.restore()
         finally:
-            _pin_next_to(self.pid)
-        return [out[tid] for tid in self.tids[1:]]
+            _pin_next_to(p.pid)
+        return [out[tid] for tid in p.tids[1:]]
 
     # -- writing --
     def write(self, sink, progress: Progress | None = None) -> Dumped:
-        c = self.collected
         started = time.monotonic()
-        page_total = memory.page_bytes(c["spans"])
+        page_total = sum(memory.page_bytes(c["spans"]) for c in self.collected)
         writer = ImageWriter(sink)
-        origin: image_pb2.Origin = c["origin"]
+        origin = self.origin
+        assert origin is not None
         header = new_header(container_id=origin.container_id,
                             container_name=origin.container_name, pid=self.pid)
         writer.write_header(header)
         writer.write_message(RecordType.RECORD_TYPE_ORIGIN, origin)
-        writer.write_message(RecordType.RECORD_TYPE_TASK, c["task"])
-        writer.write_message(RecordType.RECORD_TYPE_MM, c["mm"])
-        writer.write_message(RecordType.RECORD_TYPE_FILES, c["files"])
-        for d in c["file_data"]:
-            writer.write_message(RecordType.RECORD_TYPE_FILE_DATA, d)
+        for c in self.collected:
+            writer.write_message(RecordType.RECORD_TYPE_TASK, c["task"])
+            writer.write_message(RecordType.RECORD_TYPE_MM, c["mm"])
+            writer.write_message(RecordType.RECORD_TYPE_FILES, c["files"])
+            for d in c["file_data"]:
+                writer.write_message(RecordType.RECORD_TYPE_FILE_DATA, d)
+        for z in self.zombie_tasks:
+            writer.write_message(RecordType.RECORD_TYPE_TASK, z)
         meta = writer.bytes_written
         total = meta + page_total
         if progress:
             progress("memory", meta, total)
         last = [0.0]
+        before = [0]
 
         def page_progress(done: int) -> None:
             now = time.monotonic()
             if progress and now - last[0] > 0.1:
                 last[0] = now
-                progress("memory", meta + done, total)
+                progress("memory", meta + before[0] + done, total)
 
-        memory.write_pages(self.pid, c["spans"], writer, page_progress)
+        for c in self.collected:
+            memory.write_pages(c["pid"], c["spans"], writer, page_progress)
+            before[0] += memory.page_bytes(c["spans"])
         writer.close()
         dumped = Dumped(bytes=writer.bytes_written, pages=page_total // memory.PAGE,
                         frozen_ms=(time.monotonic() - self.frozen_at) * 1000,
                         dump_ms=(time.monotonic() - started) * 1000)
-        log.info("task_dumped", pid=self.pid, bytes=dumped.bytes, pages=dumped.pages,
-                 dump_ms=round(dumped.dump_ms, 1))
+        log.info("tree_dumped", pid=self.pid, tasks=len(self.procs), bytes=dumped.bytes,
+                 pages=dumped.pages, dump_ms=round(dumped.dump_ms, 1))
         return dumped
 
     # -- letting go --
@@ -309,8 +357,10 @@ class DumpSession:
             else:
                 self._resume()
         finally:
-            if self.tracee is not None:
-                self.tracee.close()
+            for p in self.procs:
+                if p.tracee is not None:
+                    p.tracee.close()
+                    p.tracee = None
             os.sched_setaffinity(0, self.own_affinity)
         return (time.monotonic() - self.frozen_at) * 1000
 
@@ -322,12 +372,13 @@ class DumpSession:
             return
         if fz is not None:
             _quiet(lambda: fz.freeze(cg, FREEZE_TIMEOUT))
-        for tid in reversed(self.tids):
-            try:
-                ptrace.detach(tid, 0)
-            except ProcessLookupError:
-                pass    # it died meanwhile (SIGKILL from someone): nothing to resume
-        self.seized = False
+        for p in reversed(self.procs):
+            for tid in reversed(p.tids):
+                try:
+                    ptrace.detach(tid, 0)
+                except ProcessLookupError:
+                    pass    # it died meanwhile (SIGKILL from someone): nothing to resume
+            p.tids = []
         if fz is not None:
             _quiet(lambda: fz.thaw(cg, FREEZE_TIMEOUT))
         log.info("task_resumed", pid=self.pid)
@@ -336,19 +387,38 @@ class DumpSession:
         if self.freezer is not None:
             self.freezer.kill_all(self.cgroup)
         else:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass   # already gone: the goal
+            for p in self.procs:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass   # already gone: the goal
         if self.seized:
-            # Collect the tracees' exits so the kernel can hand the process to
-            # its parent: traced threads stay zombies until we do, and the
+            # Collect the tracees' exits so the kernel can hand each process to
+            # its parent: traced threads stay zombies until we do, and a
             # leader cannot be collected before its threads.
-            left = ptrace.wait_exits(self.tids, KILL_TIMEOUT)
+            tids = [tid for p in self.procs for tid in p.tids]
+            left = ptrace.wait_exits(tids, KILL_TIMEOUT)
             if left:
                 log.warning("tracees_not_collected", pid=self.pid, tids=left)
-            self.seized = False
+            for p in self.procs:
+                p.tids = []
         log.info("task_killed", pid=self.pid)
+
+
+def _check_stoppable(pid: int, parent: int | None) -> bool:
+    """Whether ``pid`` can be seized; False for a zombie child of the tree."""
+    try:
+        stat = procfs.read_stat(pid)
+    except (ProcessLookupError, FileNotFoundError):
+        raise NotFoundError(f"no process with pid {pid}", pid=pid) from None
+    if stat.is_zombie and stat.num_threads > 1:
+        # pthread_exit in main: the leader is a zombie, its threads run on.
+        raise UnsupportedError(f"the main thread of pid {pid} has exited and "
+                               f"{stat.num_threads - 1} other threads run on; such a "
+                               "process cannot be checkpointed yet", pid=pid, kind="threads")
+    if stat.is_zombie and parent is None:
+        raise StateError(f"pid {pid} is a zombie", pid=pid)
+    return not stat.is_zombie
 
 
 def _quiet(fn: Callable[[], object]) -> None:
@@ -379,11 +449,8 @@ def _cpu_of(tid: int) -> int:
         return -1
 
 
-def _ns_pid(pid: int) -> int:
-    return int(procfs.read_status(pid).get("NSpid", str(pid)).split()[-1])
-
-
-def _origin(pid: int, source: dict[str, Any], mm: image_pb2.Mm) -> image_pb2.Origin:
+def _origin(pid: int, source: dict[str, Any], mm: image_pb2.Mm,
+            pids: list[int]) -> image_pb2.Origin:
     kind = source.get("kind") or "host"
     try:
         # What the task sees now: it may have renamed its host since it started.
@@ -395,6 +462,6 @@ def _origin(pid: int, source: dict[str, Any], mm: image_pb2.Mm) -> image_pb2.Ori
                             hostname=hostname, domainname=domain,
                             network=source.get("network") or ("host" if kind == "host" else ""),
                             log_path=source.get("log_path") or "",
-                            root_pid=pid, root_ns_pid=_ns_pid(pid), pids=[_ns_pid(pid)],
+                            root_pid=pid, root_ns_pid=pids[0], pids=pids,
                             vdso_fingerprint=memory.vdso_fingerprint(pid) if mm.vdso_start
                             else "")

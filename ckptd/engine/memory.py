@@ -76,8 +76,9 @@ def vdso_fingerprint(pid: int | str = "self") -> str:
 
 # ---------------------------------------------------------------- dump
 
-def dump_mm(pid: int, brk: int) -> tuple[image_pb2.Mm, list[PageSpan]]:
-    """The Mm message and the page spans to store. Raises UnsupportedError
+def dump_mm(pid: int, brk: int, first_id: int = 1) -> tuple[image_pb2.Mm, list[PageSpan]]:
+    """The Mm message and the page spans to store; VMA ids count from
+    ``first_id`` (unique across a tree, so pages name their process). Raises UnsupportedError
     for a mapping we cannot restore, before anything is written."""
     vmas = proctask.read_smaps(pid)
     fields = proctask.read_stat_mm(pid)
@@ -104,7 +105,7 @@ def dump_mm(pid: int, brk: int) -> tuple[image_pb2.Mm, list[PageSpan]]:
                 mm.vdso_start = v.start
                 mm.vdso_size = v.end - mm.vvar_start
             continue
-        msg = _dump_vma(pid, v, len(dumped) + 1)
+        msg = _dump_vma(pid, v, len(dumped) + first_id)
         dumped.append((msg, v))
         mm.vmas.append(msg)
     spans = _page_spans(pid, dumped)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 import structlog
 
 from ckptd import native
-from ckptd.engine import files, identity, memory, regs, rlimits, signals, threads, timers
+from ckptd.engine import files, identity, memory, regs, rlimits, signals, threads, timers, tree
 from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
@@ -65,14 +66,22 @@ class Metadata:
 
 
 def read_metadata(reader: ImageReader) -> tuple[Metadata, Iterator, PageRecord | None]:
-    """Header and metadata records, validated; the record iterator and the
-    first page record (or None if the image had none and is fully verified)."""
+    """The root process's metadata (see ``read_tree``)."""
+    procs, records, first = read_tree(reader)
+    return procs[0], records, first
+
+
+def read_tree(reader: ImageReader) -> tuple[list[Metadata], Iterator, PageRecord | None]:
+    """Header and metadata records, validated: one Metadata per process,
+    parents first; the record iterator and the first page record (or None
+    if the image had none and is fully verified)."""
     header = reader.read_header()
     if header.arch != os.uname().machine or header.page_size != memory.PAGE:
         raise ImageError(f"image is for {header.arch} with {header.page_size}-byte pages; "
                          f"this machine is {os.uname().machine}/{memory.PAGE}", record="HEADER")
-    found: dict[int, Any] = {}
-    data: dict[int, bytes] = {}
+    origin: image_pb2.Origin | None = None
+    groups: list[dict[int, Any]] = []
+    data: list[dict[int, bytes]] = []
     records = iter(reader)
     first_page: PageRecord | None = None
     for rec in records:
@@ -80,21 +89,56 @@ def read_metadata(reader: ImageReader) -> tuple[Metadata, Iterator, PageRecord |
             first_page = rec
             break
         assert isinstance(rec, MessageRecord)
+        if rec.type == RecordType.RECORD_TYPE_ORIGIN:
+            if origin is not None or groups:
+                raise ImageError("a second or late ORIGIN record", offset=rec.offset,
+                                 record=rec.name)
+            origin = rec.message
+            continue
+        if rec.type == RecordType.RECORD_TYPE_TASK:
+            groups.append({})
+            data.append({})
+        elif not groups:
+            raise ImageError(f"a {rec.name} record before any TASK", offset=rec.offset,
+                             record=rec.name)
         if rec.type == RecordType.RECORD_TYPE_FILE_DATA:
-            data[rec.message.fd] = rec.message.data
-        elif rec.type in found:
-            raise ImageError(f"a second {rec.name} record", offset=rec.offset, record=rec.name)
+            data[-1][rec.message.fd] = rec.message.data
+        elif rec.type in groups[-1]:
+            raise ImageError(f"a second {rec.name} record for one task", offset=rec.offset,
+                             record=rec.name)
         else:
-            found[rec.type] = rec.message
-    need = {RecordType.RECORD_TYPE_ORIGIN: "ORIGIN", RecordType.RECORD_TYPE_TASK: "TASK",
-            RecordType.RECORD_TYPE_MM: "MM", RecordType.RECORD_TYPE_FILES: "FILES"}
-    for t, name in need.items():
-        if t not in found:
-            raise ImageError(f"no {name} record before the page data", record=name)
-    meta = Metadata(found[RecordType.RECORD_TYPE_ORIGIN], found[RecordType.RECORD_TYPE_TASK],
-                    found[RecordType.RECORD_TYPE_MM], found[RecordType.RECORD_TYPE_FILES], data)
-    validate(meta)
-    return meta, records, first_page
+            groups[-1][rec.type] = rec.message
+    if origin is None:
+        raise ImageError("no ORIGIN record before the page data", record="ORIGIN")
+    if not groups:
+        raise ImageError("no TASK record before the page data", record="TASK")
+    need = {RecordType.RECORD_TYPE_MM: "MM", RecordType.RECORD_TYPE_FILES: "FILES"}
+    procs: list[Metadata] = []
+    zombies: list[Metadata] = []
+    for found, fdata in zip(groups, data):
+        task = found[RecordType.RECORD_TYPE_TASK]
+        if task.zombie:
+            if len(found) > 1 or fdata:
+                raise ImageError(f"zombie {task.pid} with an address space or files",
+                                 record="TASK")
+            zombies.append(Metadata(origin, task, image_pb2.Mm(), image_pb2.Files(), {}))
+            continue
+        for t, name in need.items():
+            if t not in found:
+                raise ImageError(f"no {name} record before the page data", record=name)
+        procs.append(Metadata(origin, task, found[RecordType.RECORD_TYPE_MM],
+                              found[RecordType.RECORD_TYPE_FILES], fdata))
+    if groups[0][RecordType.RECORD_TYPE_TASK].zombie:
+        raise ImageError("the root task is a zombie", record="TASK")
+    tree.check_tree([m.task for m in procs + zombies])
+    ids: set[int] = set()
+    for m in procs:
+        validate(m)
+        mine = {v.id for v in m.mm.vmas}
+        if ids & mine:
+            raise ImageError(f"task {m.task.pid} reuses VMA ids of another task", record="MM")
+        ids |= mine
+    return procs + zombies, records, first_page
 
 
 def validate(meta: Metadata) -> None:
@@ -138,6 +182,10 @@ class RestoreSession:
         self.base: ptrace.Regs | None = None
         self.table = files.FdTable()
         self.tids: list[int] = []     # host tids of the threads made so far, leader first
+        self.gadget = 0
+        self.tree_pids: set[int] = set()
+        self.helpers: set[int] = set()     # pids of groups whose leader has exited
+        self.helper_tids: list[int] = []   # host pids of our helpers still alive
 
     # -- the stub --
     def relocate_log(self, new_path: str) -> None:
@@ -214,14 +262,22 @@ class RestoreSession:
             raise SystemError_(f"the stub {child} did not stop (status {status:#x})", pid=child)
         return child
 
-    # -- the address space --
-    def build(self) -> None:
+    def adopt(self, pid: int, parent: RestoreSession) -> None:
+        """Take over a child its parent cloned (stopped at birth, traced): a
+        copy of the parent's stub, trampoline included."""
+        self.pid = pid
+        self.tids = [pid]
+        threads.wait_born(pid)
+        self.tracee = Tracee(pid)
+        self.base = parent.base
+
+    # -- the tree --
+    def map_trampoline(self) -> None:
         assert self.tracee is not None and self.base is not None
-        mm = self.meta.mm
         stub_vmas = proctask.parse_smaps(open(f"/proc/{self.pid}/maps").read())
         code, runner_off = native.stub_blob()
-        gadget = self._stub_gadget(stub_vmas)
-        tramp = _free_range(stub_vmas, mm)
+        self.gadget = gadget = self._stub_gadget(stub_vmas)
+        tramp = _free_range(stub_vmas, self.meta.mm)
         got = self.tracee.syscall(gadget, sysnr.MMAP, tramp, TRAMPOLINE_SIZE, 7,
                                   sysnr.MAP_PRIVATE | sysnr.MAP_ANONYMOUS
                                   | sysnr.MAP_FIXED_NOREPLACE, -1, 0, base=self.base)
@@ -229,6 +285,130 @@ class RestoreSession:
             raise SystemError_(f"cannot map the trampoline at {tramp:#x}: result {got}",
                                pid=self.pid)
         self.tracee.install_trampoline(tramp, code, runner_off)
+
+    def lead(self) -> None:
+        """Take the lead of its own session or group before making children,
+        who inherit both (a session can be entered only at birth)."""
+        assert self.tracee is not None and self.base is not None
+        task = self.meta.task
+        b = Batch(self.tracee.tramp + DATA_AT)
+        sid, pgid = _ns_ids(self.pid)
+        if task.session_leader and sid != task.pid:
+            b.call(sysnr.SETSID, what="setsid")
+        elif task.group_leader and pgid != task.pid:
+            b.call(sysnr.SETPGID, 0, 0, what="setpgid")
+        if task.child_subreaper:
+            # Now, not with the other attributes: orphans of helpers that exit
+            # while the tree is made must come to this task.
+            b.call(sysnr.PRCTL, sysnr.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, what="subreaper")
+        self.tracee.run_batch(b, self.base)
+
+    def join_group(self) -> None:
+        """Enter its process group, made by its leader (or a helper standing
+        in for one that has exited) before any member was cloned. A group
+        outside the tree (the host root's) is left as it is."""
+        assert self.tracee is not None and self.base is not None
+        task = self.meta.task
+        _, pgid = _ns_ids(self.pid)
+        if task.pgid and pgid != task.pgid and task.pgid in self.tree_pids | self.helpers:
+            b = Batch(self.tracee.tramp + DATA_AT)
+            b.call(sysnr.SETPGID, 0, task.pgid, what=f"join process group {task.pgid}")
+            self.tracee.run_batch(b, self.base)
+
+    def clone_children(self, children: list[image_pb2.Task]) -> list[int]:
+        """clone3 each child with its pid, in one batch of this (still stub)
+        task; traced from birth (TRACEFORK/TRACECLONE), each stops before it
+        runs anything. Returns their host pids, in order."""
+        assert self.tracee is not None and self.base is not None
+        if not children:
+            return []
+        plain = ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD
+        ptrace.set_options(self.pid, plain | ptrace.PTRACE_O_TRACEFORK
+                           | ptrace.PTRACE_O_TRACECLONE)
+        b = Batch(self.tracee.tramp + DATA_AT)
+        threads.clone_children(b, children)
+        try:
+            made = self.tracee.run_batch(b, self.base)
+        except OSError as e:
+            taken = [c.pid for c in children if c.pid not in _child_ns_pids(self.pid)]
+            raise StateError(f"cannot create child {taken[:1] or '?'} of pid "
+                             f"{self.meta.task.pid} with its pid: {e.strerror} (is the pid "
+                             "taken?)", pid=taken[0] if taken else self.pid) from e
+        finally:
+            ptrace.set_options(self.pid, plain)
+        host = _child_ns_pids(self.pid)
+        if made != [c.pid for c in children]:
+            raise SystemError_(f"children were made with pids {made}, not the image's",
+                               pid=self.pid)
+        return [host[c.pid] for c in children]
+
+    def lead_group_for(self, host: int, pgid: int) -> None:
+        """A helper this task cloned (a copy of it, trampoline included)
+        makes group ``pgid`` in this task's session."""
+        assert self.tracee is not None and self.base is not None
+        threads.wait_born(host)
+        self.helper_tids.append(host)
+        helper = Tracee(host)
+        try:
+            helper.install_trampoline(self.tracee.tramp, *native.stub_blob())
+            b = Batch(self.tracee.tramp + DATA_AT)
+            b.call(sysnr.SETPGID, 0, 0, what=f"make process group {pgid}")
+            helper.run_batch(b, self.base)
+        finally:
+            helper.close()
+
+    def end_helper(self, pid: int, host: int) -> None:
+        """The helper exits; we collect it as its tracer, this task reaps it."""
+        assert self.tracee is not None and self.base is not None
+        ptrace.set_regs(host, self.base.with_(rip=self.tracee.tramp, rax=sysnr.EXIT_GROUP,
+                                              orig_rax=-1, rdi=0))
+        ptrace.cont(host)
+        while not ptrace.wait_stop(host).exited:
+            ptrace.cont(host)
+        b = Batch(self.tracee.tramp + DATA_AT)
+        b.call(sysnr.WAIT4, pid, 0, 0x40000000, 0, what=f"reap the helper {pid}")  # __WALL
+        self.tracee.run_batch(b, self.base)
+        self.helper_tids.remove(host)
+
+    def reap_later(self, zombie: RestoreSession) -> None:
+        """``zombie`` (this task's child, a stub copy) dies as it had died,
+        with the same wait status, and is left for this task to reap. The
+        signal it sends this task (blocked while we work) is taken back: the
+        original was delivered long ago."""
+        assert self.tracee is not None and self.base is not None
+        assert zombie.tracee is not None
+        host, status = zombie.pid, zombie.meta.task.wait_status
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig != signal.SIGKILL:
+                b = Batch(self.tracee.tramp + DATA_AT)
+                b.call(sysnr.RT_SIGACTION, sig, b.put(bytes(32), 8), 0, 8,
+                       what=f"default action for signal {sig}")
+                zombie.tracee.run_batch(b, self.base)
+                ptrace.set_sigmask(host, 0)
+            os.kill(host, sig)
+        else:
+            ptrace.set_regs(host, self.base.with_(rip=self.tracee.tramp, rax=sysnr.EXIT_GROUP,
+                                                  orig_rax=-1, rdi=os.WEXITSTATUS(status)))
+        ptrace.cont(host)
+        while not (stop := ptrace.wait_stop(host)).exited:
+            ptrace.cont(host, stop.sig if stop.event == 0 else 0)
+        zombie.tracee.close()
+        zombie.tracee = None
+        zombie.pid = 0    # dead; this task reaps it when it will
+        if zombie.meta.task.exit_signal:
+            b = Batch(self.tracee.tramp + DATA_AT)
+            sigset = struct.pack("<Q", 1 << (zombie.meta.task.exit_signal - 1))
+            b.call(sysnr.RT_SIGTIMEDWAIT, b.put(sigset, 8), 0, b.put(bytes(16), 8), 8,
+                   may_fail=True, what="take back the exit signal of a zombie")
+            self.tracee.run_batch(b, self.base)
+
+    # -- the address space --
+    def build(self) -> None:
+        assert self.tracee is not None and self.base is not None
+        mm = self.meta.mm
+        stub_vmas = proctask.parse_smaps(open(f"/proc/{self.pid}/maps").read())
+        tramp = self.tracee.tramp
         self.temp_files = files.prepare_deleted(self.meta.files, self.meta.file_data)
 
         b = Batch(tramp + DATA_AT)
@@ -322,7 +502,6 @@ class RestoreSession:
         timers.restore_itimers(b, task)
         timers.restore_posix_timers(b, task, inside)
         rlimits.restore_rlimits(b, task, proctask.read_limits(self.pid))
-        identity.restore_session(b, task, self.pid)
         identity.restore_task_attrs(b, task, pdeathsig=not self.our_child)
         signals.restore_shared_pending(b, task, inside)
         cur_bnd = int(procfs.read_status(self.pid)["CapBnd"], 16)
@@ -342,19 +521,19 @@ class RestoreSession:
                 os.sched_setaffinity(tid, cpus)
             except OSError:
                 os.sched_setaffinity(tid, self.own_affinity)
-        ns_pid = _ns_pid(self.pid)
-        # Threads first, the leader last: the process runs whole once it does.
+        return Restored(pid=self.pid, ns_pid=_ns_pid(self.pid),
+                        restore_ms=(time.monotonic() - self.started) * 1000)
+
+    def release(self) -> None:
+        """Detach: threads first, the leader last: the process runs whole once it does."""
+        assert self.tracee is not None
         for tid in reversed(self.tids):
             ptrace.detach(tid, 0)
         for sig in self.tracee.held_signals:
             os.kill(self.pid, sig)
         self.tracee.close()
-        os.sched_setaffinity(0, self.own_affinity)
-        done = Restored(pid=self.pid, ns_pid=ns_pid,
-                        restore_ms=(time.monotonic() - self.started) * 1000)
-        log.info("task_restored", pid=self.pid, threads=len(self.tids),
-                 restore_ms=round(done.restore_ms, 1))
-        return done
+        self.tracee = None
+        self.pid = 0      # no longer ours to kill
 
     def _create_threads(self, inside: int) -> None:
         """clone3 every thread but the leader, in one batch of the leader,
@@ -414,6 +593,12 @@ class RestoreSession:
         files.unlink_all(self.temp_files)
         if self.tracee is not None:
             self.tracee.close()
+        for host in self.helper_tids:
+            try:
+                os.kill(host, signal.SIGKILL)
+            except ProcessLookupError:
+                pass   # already gone
+        ptrace.wait_exits(self.helper_tids, KILL_TIMEOUT)
         if self.pid:
             try:
                 made = proctask.list_threads(self.pid)
@@ -445,45 +630,182 @@ class RestoreSession:
 def restore(reader: ImageReader, *, target: str = "host",
             stub: Callable[[dict[str, Any]], int | dict[str, Any] | None] | None = None,
             progress: Progress | None = None) -> Restored:
-    """Read ``reader``, build the task, return once it runs. ``stub(need)``
-    answers the need message: None (host: we create the task), a stub pid, or
-    the daemon's ``{"pid": ..., "log_path": ...}`` (container)."""
+    """Read ``reader``, build the tree, return once it runs. ``stub(need)``
+    answers the need message: None (host: we create the root), a stub pid,
+    or the daemon's ``{"pid": ..., "log_path": ...}`` (container).
+
+    The tree is made top down while every task is still the bare stub: each
+    parent takes the lead of its session or group, then clones its children
+    (who thus inherit both; a session can be entered only at birth) and they
+    are copies of the stub, ready to be laid out like the root. Making them
+    before the parent's own memory replaces the stub keeps the clone in the
+    one piece of code we control, and the child has nothing of the parent's
+    to undo but the stub. Then each task is laid out, pages filled (each
+    page record names its VMA, unique in the tree, hence its task), each
+    finished; all are detached at the end, children before parents."""
     started = time.monotonic()
     reader.keep_pages(memory.FILL_AHEAD + 1)
-    meta, records, first = read_metadata(reader)
-    need = need_message(meta)
+    procs, records, first = read_tree(reader)
+    need = need_message(procs[0])
     answer = stub(need) if stub is not None else None
     stub_pid, log_path = (answer.get("pid"), answer.get("log_path") or "") \
         if isinstance(answer, dict) else (answer, "")
-    session = RestoreSession(meta, target=target)
-    session.started = started
+    sessions = [RestoreSession(m, target=target) for m in procs]
+    for s in sessions:
+        s.started = started
+    root = sessions[0]
     try:
-        session.relocate_log(log_path)
-        session.create_task(stub_pid)
-        session.build()
-        with session.unpinned():
-            _fill_pages(session, reader, records, first, progress)
-        return session.finish()
+        if stub_pid is None:
+            _wait_pids_free(procs)
+        for s in sessions:
+            s.relocate_log(log_path)
+        root.create_task(stub_pid)
+        _make_tree(sessions)
+        live = [s for s in sessions if not s.meta.task.zombie]
+        for s in live:
+            s.build()
+        with root.unpinned():
+            _fill_pages(live, reader, records, first, progress)
+        done = [s.finish() for s in live]
+        for s in reversed(live):
+            s.release()
+        os.sched_setaffinity(0, root.own_affinity)
+        log.info("tree_restored", pid=done[0].pid, tasks=len(done),
+                 restore_ms=round((time.monotonic() - started) * 1000, 1))
+        return Restored(pid=done[0].pid, ns_pid=done[0].ns_pid,
+                        restore_ms=(time.monotonic() - started) * 1000)
     except BaseException:
-        session.abort()
+        for s in reversed(sessions):
+            s.abort()
         raise
 
 
-def _fill_pages(session: RestoreSession, reader: ImageReader, records: Iterator,
+def _make_tree(sessions: list[RestoreSession]) -> None:
+    """Every task, as a stub, with its pid, parent, session and group.
+
+    A group or session whose leader has exited can only be made by a task
+    with its pid: a helper (exit signal 0: its parent hears nothing) takes
+    the lead, and exits once every member is in; its parent reaps it. A
+    group helper is cloned by whoever clones the group's first member, in
+    that one's session. A session helper is cloned by the root and clones
+    the session's members whose parent is outside it: they were orphans
+    reparented to the root, and become so again when the helper exits
+    (the root must be the namespace's init or a child subreaper)."""
+    root = sessions[0]
+    pids = {s.meta.task.pid for s in sessions}
+    by_pid = {s.meta.task.pid: s for s in sessions}
+    cloner = {s.meta.task.pid: s.meta.task.ppid for s in sessions[1:]}
+    session_helpers: list[RestoreSession] = []
+    for s in sessions[1:]:
+        t = s.meta.task
+        if t.sid in pids or t.sid == root.meta.task.sid or by_pid[t.ppid].meta.task.sid == t.sid:
+            continue
+        if t.ppid != root.meta.task.pid or not (root.meta.task.pid == 1
+                                                or root.meta.task.child_subreaper):
+            raise UnsupportedError(f"pid {t.pid} is in session {t.sid}, whose leader has "
+                                   f"exited, under parent {t.ppid} that is not the tree's "
+                                   "reaper: not supported yet", pid=t.pid, kind="session")
+        if t.sid not in cloner:
+            h = RestoreSession(Metadata(root.meta.origin, image_pb2.Task(
+                pid=t.sid, ppid=root.meta.task.pid, sid=t.sid, pgid=t.sid,
+                session_leader=True), image_pb2.Mm(), image_pb2.Files(), {}))
+            session_helpers.append(h)
+            by_pid[t.sid] = h
+            cloner[t.sid] = root.meta.task.pid
+        cloner[t.pid] = t.sid
+    helper_by: dict[int, list[int]] = {}   # cloner pid -> groups it makes helpers for
+    made_groups: set[int] = set(by_pid)
+    for s in sessions[1:]:
+        g = s.meta.task.pgid
+        if g and g not in made_groups:
+            helper_by.setdefault(cloner[s.meta.task.pid], []).append(g)
+            made_groups.add(g)
+    order = [root] + session_helpers + sessions[1:]
+    for s in order:
+        s.tree_pids = pids
+        s.helpers = made_groups - pids
+    helpers: list[tuple[RestoreSession, int, int]] = []   # (parent, ns pid, host pid)
+    for s in order:   # parents first: each is adopted before it clones
+        s.map_trampoline()
+        s.lead()
+        me = s.meta.task.pid
+        mine = [image_pb2.Task(pid=g, exit_signal=0) for g in helper_by.get(me, [])]
+        children = [c for c in order[1:] if cloner[c.meta.task.pid] == me]
+        made = s.clone_children(mine + [c.meta.task for c in children])
+        for g, host in zip(mine, made):
+            s.lead_group_for(host, g.pid)
+            helpers.append((s, g.pid, host))
+        for c, host in zip(children, made[len(mine):]):
+            c.adopt(host, s)
+            if c in session_helpers:
+                root.helper_tids.append(host)    # killed with the root on failure
+    for s in order:
+        if not s.pid:
+            raise BugError(f"task {s.meta.task.pid} was never made (parent "
+                           f"{s.meta.task.ppid} not in the tree?)")
+        s.join_group()
+    for parent, pid, host in helpers:
+        parent.end_helper(pid, host)
+    for h in session_helpers:
+        assert h.tracee is not None
+        h.tracee.close()
+        h.tracee = None
+        root.end_helper(h.meta.task.pid, h.pid)
+        h.pid = 0
+    for s in sessions:
+        if s.meta.task.zombie:
+            by_pid[s.meta.task.ppid].reap_later(s)
+
+
+def _wait_pids_free(procs: list[Metadata]) -> None:
+    """Host target: every pid of the tree must be free; a zombie is on its
+    way out (PID 1 reaps slowly), a live one is not."""
+    deadline = time.monotonic() + PID_FREE_TIMEOUT
+    for m in procs:
+        for tid in [th.tid for th in m.task.threads] or [m.task.pid]:
+            while True:
+                try:
+                    zombie = procfs.read_stat(tid).is_zombie
+                except (ProcessLookupError, FileNotFoundError):
+                    break
+                if not zombie or time.monotonic() > deadline:
+                    raise StateError(f"pid {tid} is taken by a running process: cannot "
+                                     "restore with the original pid", pid=tid)
+                time.sleep(0.005)
+
+
+def _fill_pages(sessions: list[RestoreSession], reader: ImageReader, records: Iterator,
                 first: PageRecord | None, progress: Progress | None) -> None:
+    owner = {v.id: s for s in sessions for v in s.meta.mm.vmas}
     last = 0.0
+    current: RestoreSession | None = None
+
+    def fill(rec: PageRecord) -> None:
+        nonlocal current
+        s = owner.get(rec.vma_id)
+        if s is None:
+            raise ImageError(f"page data for an unknown VMA {rec.vma_id}", offset=rec.offset,
+                             record=f"#{rec.index} PAGES")
+        if s is not current and current is not None:
+            # The last write must end before the reader lets go of its data.
+            assert current.filler is not None
+            current.filler.flush()
+        current = s
+        s.fill(rec)
+
     if first is not None:
-        session.fill(first)
+        fill(first)
         for rec in records:
             if not isinstance(rec, PageRecord):
                 raise ImageError(f"metadata record {rec.name} after page data",
                                  offset=rec.offset, record=rec.name)
-            session.fill(rec)
+            fill(rec)
             now = time.monotonic()
             if progress and now - last > 0.1:
                 last = now
                 progress("memory", reader.offset, 0)
-    session.pages_filled()
+    for s in sessions:
+        s.pages_filled()
 
 
 def _free_range(stub_vmas: list[proctask.SmapsVma], mm: image_pb2.Mm) -> int:
@@ -513,3 +835,14 @@ def _ns_pid(pid: int) -> int:
     return int(procfs.read_status(pid).get("NSpid", str(pid)).split()[-1])
 
 
+
+
+def _ns_ids(pid: int) -> tuple[int, int]:
+    """(session, process group) of ``pid`` in its own PID namespace."""
+    st = procfs.read_status(pid)
+    return int(st["NSsid"].split()[-1]), int(st["NSpgid"].split()[-1])
+
+
+def _child_ns_pids(pid: int) -> dict[int, int]:
+    """Pid in the namespace -> host pid, of each child of ``pid``."""
+    return {_ns_pid(c): c for c in proctask.read_children(pid)}

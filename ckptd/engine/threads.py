@@ -73,6 +73,16 @@ def clone_threads(batch, task: image_pb2.Task, stack: int, stack_size: int) -> N
         batch.call(sysnr.CLONE3, args, _CLONE_ARGS.size, what=f"clone3 of thread {th.tid}")
 
 
+def clone_children(batch, children: list[image_pb2.Task]) -> None:
+    """Add a clone3 of each child process (no shared anything: a copy of the
+    cloning stub) with its pid and exit signal to its parent's ``batch``."""
+    for child in children:
+        set_tid = batch.put(struct.pack("<i", child.pid), 8)
+        args = batch.put(_CLONE_ARGS.pack(0, 0, 0, 0, child.exit_signal, 0, 0, 0, set_tid,
+                                          1, 0), 8)
+        batch.call(sysnr.CLONE3, args, _CLONE_ARGS.size, what=f"clone3 of child {child.pid}")
+
+
 def restore_thread(batch, task: image_pb2.Task, th: image_pb2.Thread, pid: int, tid: int,
                    current_bnd: int) -> None:
     """What each thread sets for itself, in its own batch (the leader's is part

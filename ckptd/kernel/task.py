@@ -12,6 +12,9 @@ SYS_PIDFD_GETFD = 438
 SYS_KCMP = 312
 SYS_GET_ROBUST_LIST = 274
 KCMP_FILE = 0
+KCMP_VM = 1
+KCMP_FILES = 2
+KCMP_FS = 3
 
 
 
@@ -48,12 +51,29 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
 
 def same_file(pid: int, fd1: int, fd2: int) -> bool:
     """Whether two fds of ``pid`` share one open file description (kcmp)."""
-    ret = libc().syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid), ctypes.c_long(pid),
+    return same_file_across(pid, fd1, pid, fd2)
+
+
+def same_file_across(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Whether fd1 of pid1 and fd2 of pid2 are one open file description (kcmp)."""
+    ret = libc().syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid1), ctypes.c_long(pid2),
                           ctypes.c_long(KCMP_FILE), ctypes.c_ulong(fd1), ctypes.c_ulong(fd2))
     if ret < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"kcmp of fds {fd1} and {fd2} failed: {os.strerror(err)}", pid)
+        raise OSError(err, f"kcmp of fds {pid1}:{fd1} and {pid2}:{fd2} failed: "
+                      f"{os.strerror(err)}", pid1)
     return ret == 0
+
+
+def kcmp(pid1: int, pid2: int, kind: int) -> int:
+    """Order of two tasks' kernel objects of ``kind`` (KCMP_VM, _FILES, _FS):
+    0 the same object, 1 or 2 less or greater (an arbitrary but stable order)."""
+    ret = libc().syscall(ctypes.c_long(SYS_KCMP), ctypes.c_long(pid1), ctypes.c_long(pid2),
+                          ctypes.c_long(kind), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"kcmp of {pid1} and {pid2} failed: {os.strerror(err)}", pid1)
+    return ret
 
 
 def robust_list(tid: int) -> tuple[int, int]:

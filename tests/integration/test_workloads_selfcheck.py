@@ -33,6 +33,8 @@ SABOTAGE_SAYS = {
     "counter": "heap digest",
     "threads": "thread 0 (spin): TLS counter",
     "pythreads": "counter 0 stopped at",
+    "tree": ": pgid: got",
+    "zombie": "exit 7 (pid",
 }
 
 

@@ -76,6 +76,8 @@ WORKLOADS: dict[str, Spec] = {
     "counter": Spec("counter.py"),
     "threads": Spec("threads.c", ("-pthread",)),
     "pythreads": Spec("pythreads.py"),
+    "tree": Spec("tree.c"),
+    "zombie": Spec("zombie.c"),
 }
 
 

@@ -1,0 +1,266 @@
+"""Process trees: the 50-process ``tree`` workload checkpointed (killed) and
+restored on the host through the in-process API and in a container through
+the daemon, twice in a row there; every process must come back with its pid,
+parent, process group and session, and the tree must then check itself."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import wait_for
+from helpers import require_root
+from workloads.workloads import Workload, build
+
+from ckptd.engine import api
+
+pytestmark = pytest.mark.root
+
+TASKS = 50
+
+
+def tree_ids(root: int) -> set[tuple[int, int, int, int]]:
+    """(pid, ppid, pgid, sid) of every process under ``root``, all as seen in
+    the tree's own PID namespace (ppid of the root: 0)."""
+    ns_of: dict[int, int] = {}
+    rows = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        ns_of[pid] = int(st["NSpid"].split()[-1])
+        rows.append((pid, int(st["PPid"]), int(st["NSpgid"].split()[-1]),
+                     int(st["NSsid"].split()[-1])))
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+    return {(ns_of[p], 0 if p == root else ns_of[pp], pg, s) for p, pp, pg, s in rows}
+
+
+def procfs_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        assert time.monotonic() < deadline, "the dumped tree did not go away"
+        time.sleep(0.01)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        os.kill(pid, 9)      # PR_SET_PDEATHSIG takes the rest
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def test_tree_on_the_host(tmp_path: Path, request) -> None:
+    require_root()
+    with Workload.start("tree", tmp_path / "wl") as w:
+        w.wait_ready()
+        before = tree_ids(w.pid)
+        assert len(before) == TASKS
+        image = tmp_path / "image"
+        with open(image, "wb") as f:
+            api.checkpoint(w.pid, f, kill=True)
+        w.reap()
+        _wait_gone([p for p, *_ in before])
+        with open(image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: _kill_tree(restored.pid))
+        assert restored.pid == w.pid
+        assert tree_ids(w.pid) == before
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_tree_in_a_container_twice(daemon, tmp_short: Path) -> None:
+    """checkpoint -> restart -> checkpoint -> restart, the tree intact each time."""
+    wdir = tmp_short / "tree"
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build("tree")), str(wdir)], cwd=str(wdir))
+        wait_for(lambda: (wdir / "ready").exists(), 20, "tree to be ready")
+        before = tree_ids(ctr.init_pid)
+        assert len(before) == TASKS
+        ids = [ctr.id]
+        for _ in range(2):
+            image = b"".join(c.checkpoint(ids[-1]))
+            new = c.restart(iter([image]))
+            ids.append(new.id)
+            assert tree_ids(new.init_pid) == before
+        (wdir / "go").touch()
+        result = wait_for(lambda: (wdir / "result").exists() and (wdir / "result").read_text(),
+                          20, "tree to verify itself")
+        assert result.strip() == "PASS", result + b"".join(c.logs(ids[-1])).decode()
+        for x in reversed(ids):
+            c.delete(x, force=True)
+
+
+def test_zombies_on_the_host(tmp_path: Path, request) -> None:
+    require_root()
+    with Workload.start("zombie", tmp_path / "wl") as w:
+        w.wait_ready()
+        before = tree_ids(w.pid)
+        image = tmp_path / "image"
+        with open(image, "wb") as f:
+            api.checkpoint(w.pid, f, kill=True)
+        w.reap()
+        _wait_gone([p for p, *_ in before])
+        with open(image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: _kill_tree(restored.pid))
+        assert tree_ids(w.pid) == before
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_zombies_in_a_container(daemon, tmp_short: Path) -> None:
+    wdir = tmp_short / "zombie"
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build("zombie")), str(wdir)], cwd=str(wdir))
+        wait_for(lambda: (wdir / "ready").exists(), 20, "zombie to be ready")
+        before = tree_ids(ctr.init_pid)
+        new = c.restart(iter([b"".join(c.checkpoint(ctr.id))]))
+        assert tree_ids(new.init_pid) == before
+        (wdir / "go").touch()
+        result = wait_for(lambda: (wdir / "result").exists() and (wdir / "result").read_text(),
+                          20, "zombie to verify itself")
+        assert result.strip() == "PASS", result + b"".join(c.logs(new.id)).decode()
+        for x in (new.id, ctr.id):
+            c.delete(x, force=True)
+
+
+SHARING = r"""
+import mmap, os, sys, time
+what, path = sys.argv[1], sys.argv[2]
+if what == "memory":
+    m = mmap.mmap(-1, 1 << 20)                  # MAP_SHARED | MAP_ANONYMOUS
+    m[0] = 1
+else:
+    f = open(path, "w+")                        # one description, one offset
+pid = os.fork()
+if pid == 0:
+    time.sleep(1000)
+open(path + ".ready", "w").close()
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("what,says", [("memory", "share anonymous MAP_SHARED memory"),
+                                       ("file", "share one open file description")])
+def test_sharing_between_processes_is_refused(what: str, says: str, tmp_path: Path) -> None:
+    """Refused before anything is written, naming both pids; the tree runs on."""
+    require_root()
+    import subprocess
+    import sys
+    from ckptd.errors import UnsupportedError
+    path = tmp_path / "shared"
+    child = 0
+    proc = subprocess.Popen([sys.executable, "-c", SHARING, what, str(path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (tmp_path / "shared.ready").exists(), 10, "the tree to start")
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            child = int(f.read().split()[0])
+        with open(tmp_path / "image", "wb") as f, pytest.raises(UnsupportedError) as e:
+            api.checkpoint(proc.pid, f, kill=True)
+        assert says in str(e.value) and str(proc.pid) in str(e.value), e.value
+        assert proc.poll() is None and procfs_state(child) in "SR"
+    finally:
+        for pid in (child, proc.pid):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.wait(5)
+
+
+def test_a_taken_pid_is_named(tmp_path: Path) -> None:
+    """Host trees need their pids free: a restore fails naming the one taken
+    and leaves nothing behind."""
+    require_root()
+    from ckptd.errors import StateError
+    from ckptd.kernel import task as task_mod
+    with Workload.start("zombie", tmp_path / "wl") as w:
+        ready = w.wait_ready()
+        before = tree_ids(w.pid)
+        with open(tmp_path / "image", "wb") as f:
+            api.checkpoint(w.pid, f, kill=True)
+        w.reap()
+        _wait_gone([p for p, *_ in before])
+        taken = int(ready["waiter"])
+        squatter = task_mod.spawn_with_pid(taken, "/bin/sleep", ["sleep", "100"])
+        try:
+            with open(tmp_path / "image", "rb") as f, pytest.raises(StateError) as e:
+                api.restore(f)
+            assert f"pid {taken} is taken" in str(e.value)
+            assert not os.path.exists(f"/proc/{w.pid}")
+        finally:
+            os.kill(squatter, 9)
+            os.waitpid(squatter, 0)
+
+
+VFORK = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+path = sys.argv[1]
+open(path + ".ready", "w").close()
+# vfork: the parent is blocked until the child execs or exits; the child
+# sleeps in the shared address space (only syscalls, no Python).
+libc.syscall(58)        # SYS_vfork: the child returns here too
+libc.pause()
+"""
+
+
+def test_a_vfork_child_in_progress_is_refused(tmp_path: Path) -> None:
+    require_root()
+    import subprocess
+    import sys
+    from ckptd.errors import UnsupportedError
+    proc = subprocess.Popen([sys.executable, "-c", VFORK, str(tmp_path / "v")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    child = 0
+    try:
+        wait_for(lambda: open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split(),
+                 10, "the vfork")
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            child = int(f.read().split()[0])
+        with open(tmp_path / "image", "wb") as f, pytest.raises(UnsupportedError) as e:
+            api.checkpoint(proc.pid, f, kill=True)
+        assert "share an address space" in str(e.value), e.value
+        assert proc.poll() is None
+    finally:
+        for pid in (child, proc.pid):
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        proc.wait(5)
+
+
+def test_tree_left_running(tmp_path: Path) -> None:
+    """A checkpoint without kill lets every process of the tree go on untouched."""
+    require_root()
+    with Workload.start("tree", tmp_path / "wl") as w:
+        w.wait_ready()
+        before = tree_ids(w.pid)
+        with open(tmp_path / "image", "wb") as f:
+            api.checkpoint(w.pid, f, kill=False)
+        assert tree_ids(w.pid) == before
+        w.go()
+        assert w.result() == "PASS", w.output()
