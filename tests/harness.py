@@ -167,3 +167,20 @@ def _rmdir(path: Path, problems: list[str]) -> None:
         except OSError:
             time.sleep(0.05)  # a dying task can keep a cgroup busy for a moment
     problems.append(f"cgroup {path} could not be removed")
+
+
+# What legitimately differs in a task's outside view after a restore into a
+# fresh task (see workloads.compare_views).
+RESTORE_VIEW_IGNORE = ("stat.*", "status.SigQ", "status.voluntary*", "status.nonvoluntary*")
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL pid and reap it if it is our child; gone already is fine."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass   # not ours, or already reaped

@@ -11,27 +11,17 @@ from pathlib import Path
 import pytest
 
 from helpers import require_root
+from harness import RESTORE_VIEW_IGNORE, kill_and_reap
 from workloads.workloads import Workload, compare_views, outside_view
 
 from ckptd.engine import api
 
 pytestmark = pytest.mark.root
 
-# What legitimately differs after a restore into a fresh task.
-IGNORE = (
-    "stat.*", "status.SigQ", "status.voluntary*", "status.nonvoluntary*",
-)
+IGNORE = RESTORE_VIEW_IGNORE
 
 
-def _reap(pid: int) -> None:
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass   # not ours, or already reaped
+_reap = kill_and_reap
 
 
 def checkpoint_restore(w: Workload, tmp_path: Path, request, ignore: tuple[str, ...] = ()) -> list[str]:
