@@ -159,7 +159,9 @@ class ContainerManager:
                 owner_uid=spec.uid if owner_uid is None else owner_uid,
                 domainname=domainname,
             )
-            self._save(record)   # before the shim: a crash from here on leaves a trace
+            # Before the shim: a daemon crash from here on leaves a trace (after
+            # a power cut there is no container to find anyway).
+            self._save(record, durable=False)
             try:
                 started = launch.start_shim(self._shim_config(record, freezer, starter),
                                             cdir.shim_log, self._shims)
@@ -219,7 +221,8 @@ class ContainerManager:
             except (OSError, ValueError):
                 argv = record.spec.argv   # it exited already: keep what we had
             self._update(entry, dataclasses.replace(
-                record, spec=dataclasses.replace(record.spec, argv=argv or record.spec.argv)))
+                record, spec=dataclasses.replace(record.spec, argv=argv or record.spec.argv)),
+                durable=False)   # only what it runs, for display: not worth an fsync
             return self._info(entry.record)
 
     def adopt(self, pid: int, *, name: str = "", owner_uid: int = 0) -> ContainerInfo:
@@ -396,12 +399,12 @@ class ContainerManager:
     def _cdir(self, record: Record) -> ContainerDir:
         return container_dir(self.state_dir, record.id)
 
-    def _save(self, record: Record) -> None:
+    def _save(self, record: Record, *, durable: bool = True) -> None:
         with kernel_call("saving the container record", container=record.id):
-            save_record(self._cdir(record), record)
+            save_record(self._cdir(record), record, durable=durable)
 
-    def _update(self, entry: Entry, record: Record) -> None:
-        self._save(record)
+    def _update(self, entry: Entry, record: Record, *, durable: bool = True) -> None:
+        self._save(record, durable=durable)
         entry.record = record
 
     def _observe(self, record: Record) -> status.Observed:

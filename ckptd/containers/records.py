@@ -126,20 +126,24 @@ def record_from_json(data: dict[str, Any]) -> Record:
     return Record(**values)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
-        # Data before the rename: after a power cut the new name must not
-        # point at an empty file.
-        os.fsync(f.fileno())
+        if durable:
+            # Data before the rename: after a power cut the new name must not
+            # point at an empty file.
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_record(cdir: ContainerDir, record: Record) -> None:
-    write_json_atomic(cdir.record, record_to_json(record))
+def save_record(cdir: ContainerDir, record: Record, *, durable: bool = True) -> None:
+    """``durable=False`` for a record that only has to survive a crash of the
+    daemon (the page cache does), not a power cut: it saves an fsync
+    (~3-5 ms here) on the way to starting a container."""
+    write_json_atomic(cdir.record, record_to_json(record), durable=durable)
 
 
 def load_record(cdir: ContainerDir) -> Record:
