@@ -152,4 +152,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for leftover in (IMAGE, IMAGE + ".plain"):   # also when interrupted
+            if os.path.exists(leftover):
+                os.unlink(leftover)
