@@ -2,20 +2,8 @@
 
 The command line (argparse) and the one place where failures become a single
 ``ckptctl: error: ...`` line on stderr and an exit code; the commands
-themselves are in ``commands``. Exit codes, which scripts may rely on:
-
-    0    ok
-    1    the operation failed (INTERNAL, UNKNOWN, a local file error, ...)
-    2    usage error: bad command line, or INVALID_ARGUMENT from the daemon
-    3    not found (NOT_FOUND): no such container or pid
-    4    wrong state (FAILED_PRECONDITION, ALREADY_EXISTS), e.g. not frozen, name taken
-    5    not allowed (PERMISSION_DENIED, UNAUTHENTICATED)
-    6    the daemon is down or unreachable (UNAVAILABLE)
-    7    timed out (DEADLINE_EXCEEDED)
-    8    not supported by this daemon or kernel (UNIMPLEMENTED)
-    9    bad image file (image inspect)
-    130  interrupted (Ctrl-C)
-    141  stdout was closed early (e.g. piped into head)
+themselves are in ``commands``. The exit codes, which scripts may rely on,
+are listed (once) in ``exitcodes``.
 """
 
 from __future__ import annotations
@@ -34,6 +22,10 @@ from .address import DEFAULT_SOCKET
 from .commands import CommandError, Context
 from .errors import ClientError
 from .signals import parse_signal
+
+# The exit-code table is written once, in exitcodes; it is part of this
+# module's documentation too.
+__doc__ = f"{__doc__}\n{exitcodes.__doc__}"
 
 PROG = "ckptctl"
 

@@ -205,19 +205,19 @@ class Servicer(api_pb2_grpc.CkptdServicer):
 
     @_rpc()
     def Freeze(self, request, context, caller):
-        info = self._owned(request.id, caller)
-        with self.operations.track(Kind.FREEZE, info.id) as op:
-            op.update(phase="freezing")
-            return container_message(self.manager.freeze(
-                info.id, request.timeout_seconds or DEFAULT_FREEZE_TIMEOUT))
+        return self._freezer_call(request, caller, Kind.FREEZE, "freezing", self.manager.freeze)
 
     @_rpc()
     def Thaw(self, request, context, caller):
+        return self._freezer_call(request, caller, Kind.THAW, "thawing", self.manager.thaw)
+
+    def _freezer_call(self, request, caller: Peer, kind: Kind, phase: str,
+                      call: Callable[[str, float], ContainerInfo]) -> pb.Container:
         info = self._owned(request.id, caller)
-        with self.operations.track(Kind.THAW, info.id) as op:
-            op.update(phase="thawing")
-            return container_message(self.manager.thaw(
-                info.id, request.timeout_seconds or DEFAULT_FREEZE_TIMEOUT))
+        with self.operations.track(kind, info.id) as op:
+            op.update(phase=phase)
+            return container_message(call(info.id,
+                                          request.timeout_seconds or DEFAULT_FREEZE_TIMEOUT))
 
     @_rpc()
     def Kill(self, request, context, caller):
