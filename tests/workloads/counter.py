@@ -72,9 +72,9 @@ def main(directory: str) -> int:
 
     pid = os.getpid()
     at_ready = counter.value
+    print("READY", flush=True)    # before ready appears: a waiter then sees still offsets
     write_atomic(os.path.join(directory, "ready"),
                  f"pid={pid}\ncount={at_ready}\ndigest={expected}\n")
-    print("READY", flush=True)
 
     go = os.path.join(directory, "go")
     while True:

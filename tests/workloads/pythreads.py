@@ -89,10 +89,10 @@ def main(directory: str) -> int:
     main_tid = threading.get_native_id()
     tids = sorted([main_tid, waiter.tid] + [t.tid for t in counters])
     at_ready = [t.value for t in counters]
+    print("READY", flush=True)    # before ready appears: a waiter then sees still offsets
     write_atomic(os.path.join(directory, "ready"),
                  f"pid={pid}\ntids={','.join(map(str, tids))}\n"
                  f"counts={','.join(map(str, at_ready))}\n")
-    print("READY", flush=True)
 
     go = os.path.join(directory, "go")
     while not os.path.exists(go):

@@ -176,14 +176,15 @@ static inline void wl_prepare_ready(const char *fmt, ...)
 	close(fd);
 }
 
-/* Publish DIR/ready (rename of ready.tmp) and say READY. */
+/* Say READY, then publish DIR/ready (rename of ready.tmp). In that order: a
+ * waiter that sees DIR/ready must find the output offsets already still. */
 static inline void wl_commit_ready(void)
 {
 	char p1[PATH_MAX + 64], p2[PATH_MAX + 64];
+	wl_say("READY\n");
 	if (renameat(wl_base(), wl_path("ready.tmp", p1, sizeof(p1)),
 		     wl_base(), wl_path("ready", p2, sizeof(p2))) < 0)
 		wl_die("rename ready.tmp");
-	wl_say("READY\n");
 }
 
 #define wl_ready(...) do { wl_prepare_ready(__VA_ARGS__); wl_commit_ready(); } while (0)

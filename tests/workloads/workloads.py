@@ -1,6 +1,6 @@
 """Build and run the self-checking workload programs in tests/workloads/.
 
-Each workload sets up some state, writes DIR/ready and prints READY, waits until
+Each workload sets up some state, prints READY and then writes DIR/ready, waits until
 DIR/go exists (this is where a test checkpoints, kills and restores it), then
 verifies everything and writes DIR/result: ``PASS`` or ``FAIL: reason`` lines
 (wl.h has the protocol, each source file says what it checks). A typical c/r test:
