@@ -36,6 +36,7 @@ SABOTAGE_SAYS = {
     "tree": ": pgid: got",
     "zombie": "exit 7 (pid",
     "clone_flags": "not in the shared table",
+    "vfork": "is not running sleep",
 }
 
 

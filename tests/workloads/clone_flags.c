@@ -109,6 +109,8 @@ static void report(const char *who)
 
 static void child_a(void)
 {
+	if (wait_number("shared.ok") < 0)
+		wl_die("A: the root never opened shared.txt");
 	wl_write_file("up.a", "1\n");
 	wait_go();
 	CHECK(fd_is(SHARED_FD, "shared.txt"), "A: fd %d is not shared.txt", SHARED_FD);
@@ -199,11 +201,6 @@ int main(int argc, char **argv)
 	char p[PATH_MAX + 64];
 	path_of("fsdir", p, sizeof(p));
 	SETUP(mkdir(p, 0755));
-	path_of("shared.txt", p, sizeof(p));
-	int fd = open(p, O_RDONLY | O_CREAT | O_CLOEXEC, 0644);
-	SETUP(fd);
-	SETUP(dup2(fd, SHARED_FD));
-	SETUP(close(fd));
 	umask(027);
 	struct sigaction sa = { .sa_handler = on_usr1 };
 	SETUP(sigaction(SIGUSR1, &sa, NULL));
@@ -229,6 +226,14 @@ int main(int argc, char **argv)
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		child_a2();
 	}
+	/* Opened once all are made: B, C and A2 have copies of the table, and
+	 * a file description shared across tables is another matter. */
+	path_of("shared.txt", p, sizeof(p));
+	int fd = open(p, O_RDONLY | O_CREAT | O_CLOEXEC, 0644);
+	SETUP(fd);
+	SETUP(dup2(fd, SHARED_FD));
+	SETUP(close(fd));
+	wl_write_file("shared.ok", "1\n");
 	wait_up("up.a");
 	wait_up("up.b");
 	wait_up("up.a2");

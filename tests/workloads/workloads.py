@@ -79,6 +79,7 @@ WORKLOADS: dict[str, Spec] = {
     "tree": Spec("tree.c"),
     "zombie": Spec("zombie.c"),
     "clone_flags": Spec("clone_flags.c"),
+    "vfork": Spec("vfork.c"),
 }
 
 
