@@ -141,6 +141,10 @@ class DumpSession:
 
     # -- stopping --
     def start(self) -> None:
+        """Freeze (if a cgroup), seize and stop every process top down. A
+        parent in vfork() takes no stop until its child execs or exits: the
+        child alone runs on under ptrace until it does (sharing_tables.py),
+        or the checkpoint is refused after VFORK_TIMEOUT, all let go."""
         _check_stoppable(self.pid, None)
         self.frozen_at = time.monotonic()
         if self.freezer is not None:

@@ -1,5 +1,6 @@
 """The process tree: who is whose child, in which group and session, and what
-processes of the tree may not share (yet).
+processes of the tree may not share (yet). What they may share (fd tables,
+fs info, address spaces: sharing_tables.py) comes back shared.
 
 Dump: each task's pid, real parent (ppid: an orphan's is the init it was
 reparented to, not its creator), process group, session and exit signal,
