@@ -26,7 +26,8 @@ from typing import Any
 
 import structlog
 
-from ckptd.engine import files, identity, memory, rlimits, signals, threads, timers, tree
+from ckptd.engine import (files, identity, memory, rlimits, sharing_tables, signals, threads,
+                          timers, tree)
 from ckptd.engine.inject import Tracee
 from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageWriter, new_header
@@ -112,6 +113,7 @@ class _Proc:
         self.pid = pid
         self.tids: list[int] = []
         self.tracee: Tracee | None = None
+        self.vm_of = 0        # ns pid of the first process sharing its address space
 
 
 class DumpSession:
@@ -139,6 +141,10 @@ class DumpSession:
 
     # -- stopping --
     def start(self) -> None:
+        """Freeze (if a cgroup), seize and stop every process top down. A
+        parent in vfork() takes no stop until its child execs or exits: the
+        child alone runs on under ptrace until it does (sharing_tables.py),
+        or the checkpoint is refused after VFORK_TIMEOUT, all let go."""
         _check_stoppable(self.pid, None)
         self.frozen_at = time.monotonic()
         if self.freezer is not None:
@@ -152,12 +158,41 @@ class DumpSession:
         # interrupt trap only once thawed, but a frozen tree cannot fork either.
         frontier = [self.pid]
         waiting: list[tuple[_Proc, list[int]]] = []
+        # vfork parents (frozen: seized once their children ran to exec) and
+        # vfork children (left running until they exec or exit).
+        deferred: list[tuple[_Proc, list[int]]] = []
+        self.vforked: dict[int, _Proc | None] = {}
+        self._stopped_vforked: set[int] = set()
+        try:
+            self._seize_tree(frontier, waiting, deferred)
+        except BaseException:
+            self._let_go_vforked()
+            raise
+        for p in self.procs:
+            p.tracee = Tracee(p.pid)
+
+    def _seize_tree(self, frontier: list[int], waiting: list[tuple[_Proc, list[int]]],
+                    deferred: list[tuple[_Proc, list[int]]]) -> None:
         while frontier:
             level = []
+            made = []
             for pid in frontier:
-                tree.check_vfork(pid)
                 p = _Proc(pid)
                 self.procs.append(p)
+                made.append(p)
+                if pid in self.vforked:
+                    self.vforked[pid] = p
+                    if p.pid in self._stopped_vforked:
+                        p.tids = [pid]
+                        level.append((p, []))
+                    continue
+                kids = sharing_tables.vfork_children(pid)
+                self.vforked.update((k, None) for k in kids)
+                if kids and self.freezer is not None:
+                    deferred.append((p, kids))    # frozen: they run once thawed
+                    continue
+                if kids:
+                    self._run_vfork_children(pid, kids)
                 level.append((p, self._seize_first(p)))
             if self.freezer is None:
                 for p, tids in level:
@@ -165,7 +200,7 @@ class DumpSession:
             else:
                 waiting += level
             frontier = []
-            for p, _ in level:
+            for p in made:
                 for child in proctask.read_children(p.pid):
                     if _check_stoppable(child, p.pid):
                         frontier.append(child)
@@ -177,8 +212,48 @@ class DumpSession:
             self.freezer.thaw(self.cgroup, FREEZE_TIMEOUT)
             for p, tids in waiting:
                 self._settle(p, tids)
-        for p in self.procs:
-            p.tracee = Tracee(p.pid)
+            # Only vfork children run now; their parents return from vfork
+            # when they exec and are seized right then (they may run a few
+            # instructions first: a frozen cgroup cannot thaw one task).
+            for p, kids in deferred:
+                self._run_vfork_children(p.pid, kids)
+                self._settle(p, self._seize_first(p))
+                for kid in kids:
+                    self._vforked_settled(kid)
+
+    def _run_vfork_children(self, parent: int, kids: list[int]) -> None:
+        """Let each vfork child of ``parent`` run to its exec (then it is
+        stopped, seized) or exit; UnsupportedError if one does not in time."""
+        deadline = time.monotonic() + sharing_tables.VFORK_TIMEOUT
+        for kid in kids:
+            if sharing_tables.run_vfork_child(parent, kid, deadline):
+                self._stopped_vforked.add(kid)
+
+    def _vforked_settled(self, kid: int) -> None:
+        """Frozen case: the vfork child's _Proc, made while it still ran,
+        becomes an ordinary stopped process or, if it exited, a zombie."""
+        p = self.vforked.get(kid)
+        if p is None:
+            return
+        if kid in self._stopped_vforked:
+            p.tids = [kid]
+            return
+        self.procs.remove(p)
+        try:
+            if procfs.read_stat(kid).is_zombie:
+                self.zombies.append(kid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass   # reaped by its parent already: not part of the tree any more
+
+    def _let_go_vforked(self) -> None:
+        """On failure: vfork children we stopped but never listed as seized."""
+        listed = {p.pid for p in self.procs if p.tids}
+        for kid in self._stopped_vforked - listed:
+            try:
+                ptrace.detach(kid, 0)
+            except ProcessLookupError:
+                pass   # gone: nothing to let go
+        self._stopped_vforked = set()
 
     def _seize_first(self, p: _Proc) -> list[int]:
         try:
@@ -247,13 +322,23 @@ class DumpSession:
                                        f"outside the tree of pid {self.pid}",
                                        pid=self.pid, kind="children")
         to_ns = {pid: tree.ns_pid(pid) for pid in pids + self.zombies}
+        sharing = sharing_tables.dump_sharing(pids, to_ns)
         next_vma = 1
         for p in self.procs:
+            p.vm_of = sharing[p.pid].get("vm_of", 0)
             c = self._collect_process(p, next_vma)
             tree.dump_place(p.pid, c["task"], to_ns, self.pid)
+            for field, first in sharing[p.pid].items():
+                setattr(c["task"], field, first)
+            if c["task"].files_of:    # the first sharer's FILES are the table
+                del c["files"].fds[:]
+                c["file_data"] = []
             next_vma += len(c["mm"].vmas)
             self.collected.append(c)
-        tree.check_shared(pids, [c["files"] for c in self.collected])
+        tasks = [c["task"] for c in self.collected]
+        sharing_tables.plan(tasks, {t.pid: t.ppid for t in tasks[1:]})
+        tree.check_shared(pids, [c["files"] for c in self.collected],
+                          own_mm=[p.pid for p in self.procs if not p.vm_of])
         self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
         root_mm = self.collected[0]["mm"]
         self.origin = _origin(self.pid, source or {"kind": "host"}, root_mm,
@@ -268,7 +353,9 @@ class DumpSession:
         inj = DumpInjector(p.tracee, ptrace.get_regs(pid), vmas)
         try:
             brk = inj.call(sysnr.BRK, 0)
-            mm, spans = memory.dump_mm(pid, brk, first_vma)
+            # One address space is dumped once, by its first sharer.
+            mm, spans = ((image_pb2.Mm(), []) if p.vm_of
+                         else memory.dump_mm(pid, brk, first_vma))
             dumped = [threads.dump_thread(pid, inj, inj.regs),
                       *self._dump_threads(p, vmas, inj.gadget)]
             ns_tids = {tid: th.tid for tid, th in zip(p.tids, dumped)}

@@ -27,7 +27,8 @@ from typing import Any
 import structlog
 
 from ckptd import native
-from ckptd.engine import files, identity, memory, regs, rlimits, signals, threads, timers, tree
+from ckptd.engine import (files, identity, memory, regs, rlimits, sharing_tables, signals,
+                          threads, timers, tree)
 from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
@@ -131,6 +132,8 @@ def read_tree(reader: ImageReader) -> tuple[list[Metadata], Iterator, PageRecord
     if groups[0][RecordType.RECORD_TYPE_TASK].zombie:
         raise ImageError("the root task is a zombie", record="TASK")
     tree.check_tree([m.task for m in procs + zombies])
+    sharing_tables.check_sharing([m.task for m in procs + zombies],
+                                 {m.task.pid: (len(m.files.fds), len(m.mm.vmas)) for m in procs})
     ids: set[int] = set()
     for m in procs:
         validate(m)
@@ -186,6 +189,13 @@ class RestoreSession:
         self.tree_pids: set[int] = set()
         self.helpers: set[int] = set()     # pids of groups whose leader has exited
         self.helper_tids: list[int] = []   # host pids of our helpers still alive
+        # Shared with other processes (sharing_tables.py): the session of the
+        # first sharer of the fd table / address space; whether this is the
+        # last fs / address-space sharer (chroot / trampoline unmap are last).
+        self.fds_from: RestoreSession = self
+        self.vm_from: RestoreSession = self
+        self.fs_last = True
+        self.vm_last = True
 
     # -- the stub --
     def relocate_log(self, new_path: str) -> None:
@@ -274,6 +284,14 @@ class RestoreSession:
     # -- the tree --
     def map_trampoline(self) -> None:
         assert self.tracee is not None and self.base is not None
+        if self.vm_from is not self:
+            # Cloned with CLONE_VM: the trampoline is already in its memory.
+            owner = self.vm_from.tracee
+            assert owner is not None
+            self.tracee.tramp, self.tracee.runner = owner.tramp, owner.runner
+            self.tracee.runner_end = owner.runner_end
+            self.gadget = self.vm_from.gadget
+            return
         stub_vmas = proctask.parse_smaps(open(f"/proc/{self.pid}/maps").read())
         code, runner_off = native.stub_blob()
         self.gadget = gadget = self._stub_gadget(stub_vmas)
@@ -315,18 +333,22 @@ class RestoreSession:
             b.call(sysnr.SETPGID, 0, task.pgid, what=f"join process group {task.pgid}")
             self.tracee.run_batch(b, self.base)
 
-    def clone_children(self, children: list[image_pb2.Task]) -> list[int]:
+    def clone_children(self, children: list[image_pb2.Task],
+                       flags: dict[int, int] | None = None) -> list[int]:
         """clone3 each child with its pid, in one batch of this (still stub)
         task; traced from birth (TRACEFORK/TRACECLONE), each stops before it
-        runs anything. Returns their host pids, in order."""
+        runs anything. ``flags``: pid -> what it shares with this task
+        (CLONE_PARENT: a sibling, this task's parent's child). Returns their
+        host pids, in order."""
         assert self.tracee is not None and self.base is not None
         if not children:
             return []
+        flags = flags or {}
         plain = ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD
         ptrace.set_options(self.pid, plain | ptrace.PTRACE_O_TRACEFORK
                            | ptrace.PTRACE_O_TRACECLONE)
         b = Batch(self.tracee.tramp + DATA_AT)
-        threads.clone_children(b, children)
+        threads.clone_children(b, children, flags)
         try:
             made = self.tracee.run_batch(b, self.base)
         except OSError as e:
@@ -337,6 +359,8 @@ class RestoreSession:
         finally:
             ptrace.set_options(self.pid, plain)
         host = _child_ns_pids(self.pid)
+        if any(f & sharing_tables.CLONE_PARENT for f in flags.values()):
+            host.update(_child_ns_pids(int(procfs.read_status(self.pid)["PPid"])))
         if made != [c.pid for c in children]:
             raise SystemError_(f"children were made with pids {made}, not the image's",
                                pid=self.pid)
@@ -409,10 +433,15 @@ class RestoreSession:
         mm = self.meta.mm
         stub_vmas = proctask.parse_smaps(open(f"/proc/{self.pid}/maps").read())
         tramp = self.tracee.tramp
-        self.temp_files = files.prepare_deleted(self.meta.files, self.meta.file_data)
-
+        own_fds = self.fds_from is self     # else the first sharer's fds are ours
+        if own_fds:
+            self.temp_files = files.prepare_deleted(self.meta.files, self.meta.file_data)
         b = Batch(tramp + DATA_AT)
-        b.call(sysnr.CLOSE_RANGE, 0, 0xFFFFFFFF, 0, what="close the stub's fds")
+        if own_fds:
+            b.call(sysnr.CLOSE_RANGE, 0, 0xFFFFFFFF, 0, what="close the stub's fds")
+        if self.vm_from is not self:
+            self._build_fds_only(b, own_fds)    # the memory is the first sharer's
+            return
         vdso_group = [v for v in stub_vmas if v.path in memory.VDSO_NAMES]
         keep_vdso = bool(vdso_group) and mm.vvar_start == vdso_group[0].start
         for v in stub_vmas:
@@ -425,7 +454,8 @@ class RestoreSession:
             b.call(sysnr.ARCH_PRCTL, sysnr.ARCH_MAP_VDSO_64, mm.vvar_start,
                    what=f"map the vdso at {mm.vvar_start:#x}")
         table = self.table
-        files.restore_files(b, self.meta.files, table, self.temp_files)
+        if own_fds:
+            files.restore_files(b, self.meta.files, table, self.temp_files)
         map_fds: list[int] = []
 
         def open_file(path: str, flags: int) -> int:
@@ -441,6 +471,16 @@ class RestoreSession:
         self.filler = memory.PageFiller(self.tracee.memfd, self.pid, mm)
         log.debug("layout_restored", pid=self.pid, vmas=len(mm.vmas),
                   fds=len(self.meta.files.fds))
+
+    def _build_fds_only(self, b: Batch, own_fds: bool) -> None:
+        """A process sharing another's address space: only its fd table."""
+        assert self.tracee is not None and self.base is not None
+        if own_fds:
+            files.restore_files(b, self.meta.files, self.table, self.temp_files)
+        self.tracee.run_batch(b, self.base)
+        files.unlink_all(self.temp_files)
+        log.debug("fds_restored", pid=self.pid, fds=len(self.meta.files.fds),
+                  memory_of=self.meta.task.vm_of)
 
     def _stub_gadget(self, vmas: list[proctask.SmapsVma]) -> int:
         # By inode: in a container the path may read differently.
@@ -475,7 +515,8 @@ class RestoreSession:
 
     def pages_filled(self) -> None:
         """Wait for the last page write (raising its error), end the writer."""
-        assert self.filler is not None
+        if self.filler is None:
+            return    # shares the address space filled through its first sharer
         try:
             self.filler.flush()
         finally:
@@ -490,14 +531,16 @@ class RestoreSession:
         self._create_threads(inside)
         b = Batch(self.tracee.tramp + DATA_AT)
         table = self.table
-        exe_fd = table.open(b, b.cstr(meta.mm.exe), os.O_RDONLY | os.O_CLOEXEC,
-                            f"open the executable {meta.mm.exe}")
-        auxv = b.put(meta.mm.auxv, 8)
-        mm_map = b.put(memory.mm_map_struct(meta.mm, auxv, exe_fd), 8)
-        b.call(sysnr.PRCTL, sysnr.PR_SET_MM, sysnr.PR_SET_MM_MAP, mm_map, 104, 0,
-               what="PR_SET_MM_MAP")
-        table.close(b, exe_fd)
-        files.restore_fs(b, meta.files)
+        if self.vm_from is self:
+            exe_fd = table.open(b, b.cstr(meta.mm.exe), os.O_RDONLY | os.O_CLOEXEC,
+                                f"open the executable {meta.mm.exe}")
+            auxv = b.put(meta.mm.auxv, 8)
+            mm_map = b.put(memory.mm_map_struct(meta.mm, auxv, exe_fd), 8)
+            b.call(sysnr.PRCTL, sysnr.PR_SET_MM, sysnr.PR_SET_MM_MAP, mm_map, 104, 0,
+                   what="PR_SET_MM_MAP")
+            table.close(b, exe_fd)
+        if self.fs_last:     # shared: once, by the last sharer (sharing_tables.py)
+            files.restore_fs(b, meta.files)
         signals.restore_sigactions(b, task)
         timers.restore_itimers(b, task)
         timers.restore_posix_timers(b, task, inside)
@@ -511,7 +554,8 @@ class RestoreSession:
             b = Batch(self.tracee.tramp + DATA_AT)
             threads.restore_thread(b, task, other, inside, other.tid, cur_bnd)
             self.tracee.thread(tid).run_batch(b, self.base)
-        self._unmap_trampoline()
+        if self.vm_last:     # shared memory: the others still need it
+            self._unmap_trampoline()
         for t, tid in zip(task.threads, self.tids):
             ptrace.set_regs(tid, regs.restart_fixup(ptrace.Regs.unpack(t.regs)))
             ptrace.set_xstate(tid, regs.settable_xstate(t.xstate))
@@ -724,14 +768,25 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
     for s in order:
         s.tree_pids = pids
         s.helpers = made_groups - pids
+    how = sharing_tables.plan([s.meta.task for s in order], cloner)
+    flags = {pid: c.flags for pid, c in how.items()}
+    by_sibling = {pid: c.source for pid, c in how.items()
+                  if c.flags & sharing_tables.CLONE_PARENT}
+    _wire_sharers(order, by_pid)
     helpers: list[tuple[RestoreSession, int, int]] = []   # (parent, ns pid, host pid)
     for s in order:   # parents first: each is adopted before it clones
         s.map_trampoline()
-        s.lead()
         me = s.meta.task.pid
+        # Siblings that share its tables: made before it leads a session or
+        # group of its own, so they are born in their parent's.
+        sibs = [c for c in order[1:] if by_sibling.get(c.meta.task.pid) == me]
+        for c, host in zip(sibs, s.clone_children([c.meta.task for c in sibs], flags)):
+            c.adopt(host, s)
+        s.lead()
         mine = [image_pb2.Task(pid=g, exit_signal=0) for g in helper_by.get(me, [])]
-        children = [c for c in order[1:] if cloner[c.meta.task.pid] == me]
-        made = s.clone_children(mine + [c.meta.task for c in children])
+        children = [c for c in order[1:] if cloner[c.meta.task.pid] == me
+                    and c.meta.task.pid not in by_sibling]
+        made = s.clone_children(mine + [c.meta.task for c in children], flags)
         for g, host in zip(mine, made):
             s.lead_group_for(host, g.pid)
             helpers.append((s, g.pid, host))
@@ -755,6 +810,26 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
     for s in sessions:
         if s.meta.task.zombie:
             by_pid[s.meta.task.ppid].reap_later(s)
+
+
+def _wire_sharers(order: list[RestoreSession], by_pid: dict[int, RestoreSession]) -> None:
+    """Point each later sharer at the first one's session (its FdTable is
+    then the same object) and mark the last fs / address-space sharers."""
+    last_fs: dict[int, RestoreSession] = {}
+    last_vm: dict[int, RestoreSession] = {}
+    for s in order:
+        t = s.meta.task
+        if t.files_of:
+            s.fds_from = by_pid[t.files_of]
+            s.table = s.fds_from.table
+        if t.vm_of:
+            s.vm_from = by_pid[t.vm_of]
+        last_fs[t.fs_of or t.pid] = s
+        last_vm[t.vm_of or t.pid] = s
+    for s in order:
+        t = s.meta.task
+        s.fs_last = last_fs[t.fs_of or t.pid] is s
+        s.vm_last = last_vm[t.vm_of or t.pid] is s
 
 
 def _wait_pids_free(procs: list[Metadata]) -> None:

@@ -28,6 +28,7 @@ PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
 # surely not an image we wrote (each clone takes one record).
 MAX_THREADS = 16384
 _CLONE_ARGS = struct.Struct("<11Q")   # struct clone_args, up to and including cgroup
+CLONE_PARENT = 0x8000
 
 
 def dump_thread(tid: int, inj, regs: ptrace.Regs) -> image_pb2.Thread:
@@ -73,12 +74,17 @@ def clone_threads(batch, task: image_pb2.Task, stack: int, stack_size: int) -> N
         batch.call(sysnr.CLONE3, args, _CLONE_ARGS.size, what=f"clone3 of thread {th.tid}")
 
 
-def clone_children(batch, children: list[image_pb2.Task]) -> None:
-    """Add a clone3 of each child process (no shared anything: a copy of the
-    cloning stub) with its pid and exit signal to its parent's ``batch``."""
+def clone_children(batch, children: list[image_pb2.Task],
+                   flags: dict[int, int] | None = None) -> None:
+    """Add a clone3 of each child process with its pid and exit signal to
+    its parent's ``batch``: a copy of the cloning stub, sharing what
+    ``flags`` (pid -> CLONE_* bits, sharing_tables.plan) says. With
+    CLONE_PARENT the kernel gives it the cloner's exit signal (clone3 wants 0)."""
     for child in children:
+        how = (flags or {}).get(child.pid, 0)
+        exit_signal = 0 if how & CLONE_PARENT else child.exit_signal
         set_tid = batch.put(struct.pack("<i", child.pid), 8)
-        args = batch.put(_CLONE_ARGS.pack(0, 0, 0, 0, child.exit_signal, 0, 0, 0, set_tid,
+        args = batch.put(_CLONE_ARGS.pack(how, 0, 0, 0, exit_signal, 0, 0, 0, set_tid,
                                           1, 0), 8)
         batch.call(sysnr.CLONE3, args, _CLONE_ARGS.size, what=f"clone3 of child {child.pid}")
 

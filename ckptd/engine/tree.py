@@ -1,5 +1,6 @@
 """The process tree: who is whose child, in which group and session, and what
-processes of the tree may not share (yet).
+processes of the tree may not share (yet). What they may share (fd tables,
+fs info, address spaces: sharing_tables.py) comes back shared.
 
 Dump: each task's pid, real parent (ppid: an orphan's is the init it was
 reparented to, not its creator), process group, session and exit signal,
@@ -15,7 +16,6 @@ children itself (restore.py), so the tree's shape and pids come back with it.
 
 from __future__ import annotations
 
-import functools
 import os
 
 from ckptd.errors import ImageError, UnsupportedError
@@ -62,45 +62,13 @@ def dump_zombie(pid: int, to_ns: dict[int, int], root: int) -> image_pb2.Task:
     return task
 
 
-# What processes made with CLONE_VM (vfork children before their exec),
-# CLONE_FILES or CLONE_FS share, as kcmp names it.
-_SHARED_TABLES = ((task_mod.KCMP_VM, "an address space (a vfork child before its exec?)"),
-                  (task_mod.KCMP_FILES, "an fd table (CLONE_FILES)"),
-                  (task_mod.KCMP_FS, "a cwd/root/umask (CLONE_FS)"))
-
-
-def check_vfork(pid: int) -> None:
-    """Before seizing ``pid``: a parent waiting for its vfork child would
-    never take the interrupt trap, and the two share one address space."""
-    for child in proctask.read_children(pid):
-        try:
-            same = task_mod.kcmp(pid, child, task_mod.KCMP_VM) == 0
-        except ProcessLookupError:
-            continue   # gone meanwhile
-        if same:
-            raise UnsupportedError(f"pids {pid} and {child} share an address space (a vfork "
-                                   "child before its exec): not supported yet", pid=child,
-                                   kind="vfork")
-
-
-def check_shared(pids: list[int], fds: list[image_pb2.Files]) -> None:
-    """Refuse what processes of the tree share and a restore would split."""
-    _check_shared_tables(pids)
+def check_shared(pids: list[int], fds: list[image_pb2.Files],
+                 own_mm: list[int] | None = None) -> None:
+    """Refuse what processes of the tree share and a restore would split.
+    Shared tables (sharing_tables.py) come back shared; ``own_mm`` lists the
+    processes with an address space of their own (default: all)."""
     _check_shared_files(pids, fds)
-    _check_shared_memory(pids)
-
-
-def _check_shared_tables(pids: list[int]) -> None:
-    """kcmp orders the objects, so sorting by it puts sharers side by side:
-    n log n calls, not n^2."""
-    for kind, what in _SHARED_TABLES:
-        order = {0: 0, 1: -1, 2: 1}
-        ranked = sorted(pids, key=functools.cmp_to_key(
-            lambda a, b: order.get(task_mod.kcmp(a, b, kind), 0)))
-        for a, b in zip(ranked, ranked[1:]):
-            if task_mod.kcmp(a, b, kind) == 0:
-                raise UnsupportedError(f"pids {min(a, b)} and {max(a, b)} share {what}: not "
-                                       "supported yet", pid=min(a, b), kind="shared table")
+    _check_shared_memory(pids if own_mm is None else own_mm)
 
 
 def _check_shared_files(pids: list[int], fds: list[image_pb2.Files]) -> None:

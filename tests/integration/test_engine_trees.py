@@ -206,46 +206,6 @@ def test_a_taken_pid_is_named(tmp_path: Path) -> None:
             os.waitpid(squatter, 0)
 
 
-VFORK = r"""
-import ctypes, os, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-path = sys.argv[1]
-open(path + ".ready", "w").close()
-# vfork: the parent is blocked until the child execs or exits; the child
-# sleeps in the shared address space (only syscalls, no Python).
-libc.syscall(58)        # SYS_vfork: the child returns here too
-libc.pause()
-"""
-
-
-def test_a_vfork_child_in_progress_is_refused(tmp_path: Path) -> None:
-    require_root()
-    import subprocess
-    import sys
-    from ckptd.errors import UnsupportedError
-    proc = subprocess.Popen([sys.executable, "-c", VFORK, str(tmp_path / "v")],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    child = 0
-    try:
-        wait_for(lambda: open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split(),
-                 10, "the vfork")
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            child = int(f.read().split()[0])
-        with open(tmp_path / "image", "wb") as f, pytest.raises(UnsupportedError) as e:
-            api.checkpoint(proc.pid, f, kill=True)
-        assert "share an address space" in str(e.value), e.value
-        assert proc.poll() is None
-    finally:
-        for pid in (child, proc.pid):
-            if pid:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-        proc.wait(5)
-
-
 def test_tree_left_running(tmp_path: Path) -> None:
     """A checkpoint without kill lets every process of the tree go on untouched."""
     require_root()

@@ -35,6 +35,8 @@ SABOTAGE_SAYS = {
     "pythreads": "counter 0 stopped at",
     "tree": ": pgid: got",
     "zombie": "exit 7 (pid",
+    "clone_flags": "not in the shared table",
+    "vfork": "is not running sleep",
 }
 
 

@@ -78,6 +78,8 @@ WORKLOADS: dict[str, Spec] = {
     "pythreads": Spec("pythreads.py"),
     "tree": Spec("tree.c"),
     "zombie": Spec("zombie.c"),
+    "clone_flags": Spec("clone_flags.c"),
+    "vfork": Spec("vfork.c"),
 }
 
 
