@@ -164,19 +164,20 @@ class LeakError(UnsupportedError):
 
 
 def render(root: int, leaks: tuple[Leak, ...], notes: tuple[str, ...] = ()) -> str:
-    """The message of a refusal: one line per leak, then how to accept them."""
+    """The message of a refusal: a headline, then indented, one per line,
+    each leak, the notes and how to accept them (ckptctl prints the
+    indented lines as a report under its one-line error)."""
     lines = [f"the tree of pid {root} shares {len(leaks)} resource"
              f"{'s' if len(leaks) != 1 else ''} with processes outside it:"]
     lines += [f"  {leak.line()}" for leak in leaks]
     lines += [f"  note: {n}" for n in notes]
     ok = sorted({leak.name for leak in leaks if leak.acceptable})
     if any(not leak.acceptable for leak in leaks):
-        lines.append("a process that entered from outside cannot be checkpointed with the "
+        lines.append("  a process that entered from outside cannot be checkpointed with the "
                      "tree: end it, or checkpoint a tree that holds it")
     if ok:
-        lines.append("to checkpoint them as private copies (a file reopened at its offset, "
-                     "memory copied), pass " + " ".join(f"--external {shlex.quote(n)}"
-                                                        for n in ok))
+        lines.append("  to checkpoint them as private copies (a file reopened at its offset, "
+                     "memory copied): " + " ".join(f"--external {shlex.quote(n)}" for n in ok))
     return "\n".join(lines)
 
 
