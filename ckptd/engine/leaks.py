@@ -168,7 +168,7 @@ def render(root: int, leaks: tuple[Leak, ...], notes: tuple[str, ...] = ()) -> s
     each leak, the notes and how to accept them (ckptctl prints the
     indented lines as a report under its one-line error)."""
     lines = [f"the tree of pid {root} shares {len(leaks)} resource"
-             f"{'s' if len(leaks) != 1 else ''} with processes outside it:"]
+             f"{'s' if len(leaks) != 1 else ''} with processes outside it"]
     lines += [f"  {leak.line()}" for leak in leaks]
     lines += [f"  note: {n}" for n in notes]
     ok = sorted({leak.name for leak in leaks if leak.acceptable})
@@ -214,13 +214,14 @@ def check(root: int, pids: list[int], files: list[image_pb2.Files], *,
     log.info("leaks_checked", pid=root, leaks=[leak.as_dict() for leak in report.leaks],
              notes=list(report.notes), accepted=sorted(accept & found),
              scanned=report.scanned, hidden=list(report.hidden), ms=round(report.ms, 2))
-    if refused:
-        raise LeakError(root, refused, report.notes)
     if unmatched:
+        # First: the name meant for a leak may be the one mistyped.
         raise UsageError(f"--external {', '.join(unmatched)}: matches nothing the tree of pid "
                          f"{root} shares with outside processes"
                          + (f" (it shares: {', '.join(sorted(found))})" if found else ""),
                          pid=root)
+    if refused:
+        raise LeakError(root, refused, report.notes)
     return report
 
 

@@ -253,3 +253,103 @@ def test_shared_memory_with_parent_refused_then_copied(tmp_path: Path, request) 
     wait_file(d / "scribbled")
     (d / "go").touch()
     assert wait_file(d / "result") == "PASS"
+
+
+# -- through the daemon and ckptctl ------------------------------------------------------
+
+def test_pid_tree_through_ckptctl(daemon: Daemon, fd_holder, tmp_path: Path) -> None:
+    proc, shared, d = fd_holder
+    path = str(tmp_path / "shared.log")
+    image = tmp_path / "tree.img"
+    r = ckptctl(daemon, "checkpoint", "--pid", str(proc.pid), "-o", str(image))
+    err = r.stderr.decode()
+    assert r.returncode == 8, err + daemon.log()    # UNIMPLEMENTED
+    first, *report = err.splitlines()
+    assert first.startswith(f"ckptctl: error: the tree of pid {proc.pid} shares 1 resource")
+    [line] = [x for x in report if x.strip().startswith("file:")]
+    assert path in line and f"pid {proc.pid} fd {shared.fileno()}" in line
+    assert f"pid {os.getpid()} fd {shared.fileno()}" in line
+    assert any(f"--external file:{path}" in x for x in report)
+    assert "Traceback" not in err and not image.exists()
+    assert not traced_or_stopped(proc.pid) and proc.poll() is None
+
+    r = ckptctl(daemon, "checkpoint", "--pid", str(proc.pid), "-o", str(image),
+                "--external", "file:/tmp/typo.log")
+    assert r.returncode == 2 and b"matches nothing" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert proc.poll() is None
+
+    r = ckptctl(daemon, "checkpoint", "--pid", str(proc.pid), "-o", str(image),
+                "--external", f"file:{path}", "--leave-running")
+    assert r.returncode == 0, r.stderr.decode() + daemon.log()
+    assert image.stat().st_size > 0
+    assert not traced_or_stopped(proc.pid) and proc.poll() is None
+    (d / "go").touch()
+    assert wait_file(d / "result").startswith("PASS")
+
+
+def shim_shares_log(init_pid: int) -> bool:
+    """The container's stdout and its shim's log fd are one description."""
+    shim = int(Path(f"/proc/{init_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    log = os.readlink(f"/proc/{init_pid}/fd/1")
+    for fd in os.listdir(f"/proc/{shim}/fd"):
+        try:
+            if os.readlink(f"/proc/{shim}/fd/{fd}") == log and \
+                    task_mod.same_file_across(init_pid, 1, shim, int(fd)):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def test_container_sharing_its_log_with_the_shim_is_self_contained(
+        daemon: Daemon, tmp_short: Path) -> None:
+    counter = tmp_short / "count"
+    with daemon.client() as c:
+        ctr = c.run(["sh", "-c", f"while :; do echo tick; echo $$ > {counter}; sleep 0.05; done"])
+        wait_for(counter.exists, 10, "the container to run")
+        assert shim_shares_log(ctr.init_pid), "the case this test is about"
+        image = b"".join(c.checkpoint(ctr.id, leave_running=True))
+        assert image
+        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+        c.delete(ctr.id, force=True)
+
+
+def test_container_holding_a_file_from_outside_is_refused(
+        daemon: Daemon, tmp_short: Path) -> None:
+    """A host process hands an open file to the container over a unix socket
+    and keeps it: the container is not self-contained."""
+    shared_path = tmp_short / "handed.log"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_short / "pass.sock"))
+    listener.listen(1)
+    listener.settimeout(20)
+    with listener, open(shared_path, "w+b", buffering=0) as shared, daemon.client() as c:
+        ctr = c.run([sys.executable, "-c", RECEIVER, str(tmp_short)], cwd=str(tmp_short))
+        conn, _ = listener.accept()
+        with conn:
+            socket.send_fds(conn, [b"f"], [shared.fileno()])
+        count = tmp_short / "count"
+        wait_for(count.exists, 20, "the container to take the file")
+        their_fd = int(count.read_text().split()[1])
+
+        from ckptd_client import errors
+        with pytest.raises(errors.ClientError) as e:
+            b"".join(c.checkpoint(ctr.id))
+        assert e.value.code == "UNIMPLEMENTED"
+        message = e.value.message
+        assert f"file:{shared_path}" in message
+        assert f"pid {ctr.init_pid} fd {their_fd}" in message
+        assert f"pid {os.getpid()} fd {shared.fileno()}" in message
+        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+        before = int(count.read_text().split()[0])
+        wait_for(lambda: int(count.read_text().split()[0]) > before, 10, "it to count on")
+
+        # Accepted: checkpointed with a private copy, restarted, counting on.
+        image = b"".join(c.checkpoint(ctr.id, external=[f"file:{shared_path}"]))
+        new = c.restart(iter([image]))
+        at = int(count.read_text().split()[0])
+        wait_for(lambda: int(count.read_text().split()[0]) > at, 10, "the restart to count")
+        assert os.readlink(f"/proc/{new.init_pid}/fd/{their_fd}") == str(shared_path)
+        for x in (new.id, ctr.id):
+            c.delete(x, force=True)
