@@ -302,7 +302,7 @@ def _scan_process(pid: int, tree: _Tree, found: dict,
         _add(found, PROCESS, f"{PROCESS}:{pid}", "in the container's PID namespace",
              Holder(tree.root), Holder(pid))
     fds = os.listdir(f"{base}/fd")
-    for name in fds:
+    for name in fds if tree.links else ():   # nothing the tree holds could match
         try:
             link = os.readlink(f"{base}/fd/{name}")
         except FileNotFoundError:
