@@ -15,7 +15,6 @@ the best time of each.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import subprocess

@@ -9,17 +9,16 @@ Through the engine API, the daemon and ckptctl."""
 from __future__ import annotations
 
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from harness import Daemon, kill_and_reap, pid_gone, wait_for
-from helpers import require_root
+from helpers import require, require_root
 
 from ckptd.engine import api, leaks
 from ckptd.errors import UnsupportedError, UsageError
@@ -353,3 +352,35 @@ def test_container_holding_a_file_from_outside_is_refused(
         assert os.readlink(f"/proc/{new.init_pid}/fd/{their_fd}") == str(shared_path)
         for x in (new.id, ctr.id):
             c.delete(x, force=True)
+
+
+def test_container_entered_from_outside_is_refused(daemon: Daemon, tmp_short: Path) -> None:
+    """A host process that entered the container's PID namespace (nsenter)
+    is no part of its tree: it cannot be checkpointed, nor accepted."""
+    nsenter = shutil.which("nsenter")
+    require(nsenter is not None, "nsenter (util-linux)")
+    with daemon.client() as c:
+        ctr = c.run(["sleep", "1000"])
+        intruder = subprocess.Popen([nsenter, "-t", str(ctr.init_pid), "--pid", "--",
+                                     "sleep", "1000"], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        entered = 0
+        try:
+            inside = wait_for(lambda: Path(f"/proc/{intruder.pid}/task/{intruder.pid}/children")
+                              .read_text().split(), 10, "nsenter to fork into the namespace")
+            entered = int(inside[0])
+            from ckptd_client import errors
+            with pytest.raises(errors.ClientError) as e:
+                b"".join(c.checkpoint(ctr.id))
+            assert e.value.code == "UNIMPLEMENTED"
+            assert f"process:{entered}" in e.value.message
+            assert "cannot be checkpointed with the tree" in e.value.message
+            with pytest.raises(errors.ClientError) as e:
+                b"".join(c.checkpoint(ctr.id, external=[f"process:{entered}"]))
+            assert e.value.code == "INVALID_ARGUMENT" and "cannot be accepted" in e.value.message
+            assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+        finally:
+            for pid in (entered, intruder.pid):
+                if pid:
+                    kill_and_reap(pid)
+            c.delete(ctr.id, force=True)
