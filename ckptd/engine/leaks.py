@@ -183,9 +183,6 @@ def render(root: int, leaks: tuple[Leak, ...], notes: tuple[str, ...] = ()) -> s
 
 # ---------------------------------------------------------------- the check
 
-class _Hidden(Exception):
-    """An outside process /proc will not show us."""
-
 @dataclass
 class _Tree:
     """What the tree holds, keyed the way outside holdings are looked up."""
@@ -245,7 +242,9 @@ def find_leaks(root: int, pids: list[int], files: list[image_pb2.Files], *,
                 scanned += 1
         except (FileNotFoundError, ProcessLookupError):
             continue   # it exited while we looked: it holds nothing any more
-        except _Hidden:
+        except PermissionError:
+            # Not even root may look (here: PID 1 of the VM's own machinery):
+            # named in the log line, never skipped silently.
             hidden.append(pid)
     for kind, pairs in _shared_tables(candidates).items():
         for inside, outside in pairs:
@@ -294,10 +293,6 @@ def _scan_process(pid: int, tree: _Tree, found: dict,
         exe = os.readlink(f"{base}/exe")
     except FileNotFoundError:
         return False    # a kernel thread (or a zombie): no files, no memory
-    except PermissionError:
-        # Not even root may look (a non-dumpable process of another user
-        # namespace's owner): reported in the log, never silently.
-        raise _Hidden(pid) from None
     if tree.pid_ns and os.readlink(f"{base}/ns/pid") == tree.pid_ns:
         _add(found, PROCESS, f"{PROCESS}:{pid}", "in the container's PID namespace",
              Holder(tree.root), Holder(pid))

@@ -384,3 +384,40 @@ def test_container_entered_from_outside_is_refused(daemon: Daemon, tmp_short: Pa
                 if pid:
                     kill_and_reap(pid)
             c.delete(ctr.id, force=True)
+
+
+# The parent (outside the tree) clones its child with CLONE_FS: one cwd,
+# root and umask for both, which a restore would split.
+FS_SHARER = r"""
+import ctypes, os, signal, sys, time
+d = sys.argv[1]
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+CLONE_FS, SYS_CLONE = 0x200, 56
+pid = ctypes.CDLL(None, use_errno=True).syscall(SYS_CLONE, CLONE_FS | signal.SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    while True:
+        time.sleep(0.05)
+with open(d + "/child.tmp", "w") as f:
+    f.write(str(pid))
+os.rename(d + "/child.tmp", d + "/child")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_fs_info_shared_through_clone_is_refused(tmp_path: Path, request) -> None:
+    require_root()
+    parent = subprocess.Popen([sys.executable, "-c", FS_SHARER, str(tmp_path)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    request.addfinalizer(lambda: kill_and_reap(parent.pid))
+    child = int(wait_file(tmp_path / "child"))
+    request.addfinalizer(lambda: kill_and_reap(child))
+    e = refusal(child)
+    assert [(leak.name, leak.outside) for leak in e.leaks] == [
+        (f"fs:{child}", (leaks.Holder(parent.pid),))], e.message
+    assert "cwd/root/umask (CLONE_FS)" in e.message
+    assert not traced_or_stopped(child)
+    with open(tmp_path / "image", "wb") as f:
+        api.checkpoint(child, f, externals=[f"fs:{child}"])   # accepted: resumed after
+    assert not traced_or_stopped(child)
