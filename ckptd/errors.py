@@ -42,7 +42,9 @@ class CkptdError(Exception):
         if not self.context:
             return self.message
         extra = ", ".join(f"{k}={v}" for k, v in self.context.items())
-        return f"{self.message} ({extra})"
+        # With a report under its first line, the context belongs to that line.
+        first, newline, rest = self.message.partition("\n")
+        return f"{first} ({extra}){newline}{rest}"
 
 
 class UsageError(CkptdError):

@@ -162,15 +162,25 @@ def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
                  "  ckptctl checkpoint web -o web.img\n"
                  "  ckptctl checkpoint web -o web.img --leave-running\n"
                  "  ckptctl checkpoint --pid 4242 -o tree.img\n"
+                 "  ckptctl checkpoint --pid 4242 -o tree.img --external file:/tmp/shared.log\n"
                  "  ckptctl checkpoint web -o - | gzip > web.img.gz\n"
                  "FILE appears only once the whole image arrived; a failed checkpoint leaves\n"
-                 "no file behind. Without --leave-running the container is killed afterwards.\n")
+                 "no file behind. Without --leave-running the container is killed afterwards.\n"
+                 "A tree that shares resources with processes outside it (an open file,\n"
+                 "shared memory ...) is refused with a list naming each one; accept one with\n"
+                 "--external NAME to checkpoint it as a private copy.\n")
     p.add_argument("id", nargs="?", metavar="ID", help="container id or name")
     p.add_argument("--pid", type=_pid, help="checkpoint this host process tree instead")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="image file to write, - for stdout")
     p.add_argument("--leave-running", action="store_true",
                    help="resume the tree after the checkpoint instead of killing it")
+    p.add_argument("--external", action="append", default=[], metavar="NAME",
+                   help="accept a resource shared with a process outside the tree, named as a "
+                        "refused checkpoint lists it (file:PATH, mem:MAJ:MIN:INO, fdtable:PID, "
+                        "fs:PID, vm:PID, sighand:PID); it is checkpointed as a private copy: "
+                        "a file is reopened at restore with its offset, memory is copied. "
+                        "Repeat for each; a name that matches nothing is an error")
 
 
 def _add_restart(sub: argparse._SubParsersAction) -> None:
@@ -276,9 +286,16 @@ class _StderrLogger:
 
 
 def _fail(stderr: TextIO, message: str, code: int) -> int:
-    # One line, whatever the daemon sent: a script reads it as one message.
-    line = " ".join(message.split()) or "failed"
+    # The error is one line, whatever the daemon sent: a script reads it as
+    # one message. A report under it (lines indented by the daemon, e.g. the
+    # leaks of a refused checkpoint) follows, one item per line.
+    lines = message.strip().splitlines()
+    cut = next((i for i, text in enumerate(lines) if i and text[:1].isspace()), len(lines))
+    line = " ".join(" ".join(lines[:cut]).split()) or "failed"
     stderr.write(f"{PROG}: error: {line}\n")
+    for detail in lines[cut:]:
+        if detail.strip():
+            stderr.write(f"  {detail.strip()}\n")
     stderr.flush()
     return code
 

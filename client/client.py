@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 import grpc
@@ -212,13 +212,16 @@ class Client:
     # -- checkpoint / restart -------------------------------------------------
 
     def checkpoint(
-        self, ref: str | None = None, *, pid: int | None = None, leave_running: bool = False
+        self, ref: str | None = None, *, pid: int | None = None, leave_running: bool = False,
+        external: Sequence[str] = (),
     ) -> Generator[bytes, None, None]:
         """Checkpoint container ``ref`` or host process tree ``pid``, yielding the
         image as the daemon produces it. Closing the iterator early cancels the
-        checkpoint (the daemon then leaves the target running)."""
-        return self._data_stream(self._checkpoint, _checkpoint_request(ref, pid, leave_running),
-                                 data=bytes)
+        checkpoint (the daemon then leaves the target running). ``external``:
+        names of resources shared with processes outside the tree to accept as
+        private copies, as a refused checkpoint's message lists them."""
+        request = _checkpoint_request(ref, pid, leave_running, external)
+        return self._data_stream(self._checkpoint, request, data=bytes)
 
     def checkpoint_to_file(
         self,
@@ -228,10 +231,12 @@ class Client:
         pid: int | None = None,
         leave_running: bool = False,
         progress: ProgressFn | None = None,
+        external: Sequence[str] = (),
     ) -> int:
         """Checkpoint into ``dest`` (a path, or a binary file left open); returns
-        the image size. A path gets the image only if all of it arrived."""
-        request = _checkpoint_request(ref, pid, leave_running)
+        the image size. A path gets the image only if all of it arrived.
+        ``external`` as for ``checkpoint``."""
+        request = _checkpoint_request(ref, pid, leave_running, external)
         if not is_path(dest):
             total = self._checkpoint_into(dest, request, progress)  # type: ignore[arg-type]
             _check_not_empty(total)
@@ -445,15 +450,19 @@ class Client:
             progress(op)
 
 
-def _checkpoint_request(ref: str | None, pid: int | None,
-                        leave_running: bool) -> api_pb2.CheckpointRequest:
+def _checkpoint_request(ref: str | None, pid: int | None, leave_running: bool,
+                        external: Sequence[str] = ()) -> api_pb2.CheckpointRequest:
     if (ref is None) == (pid is None):
         raise InvalidArgument("checkpoint needs exactly one of a container and a pid")
+    if isinstance(external, str):
+        raise InvalidArgument("external is a list of names, not one string")
+    external = list(external)
     if ref is not None:
-        return api_pb2.CheckpointRequest(id=_required(ref), leave_running=leave_running)
+        return api_pb2.CheckpointRequest(id=_required(ref), leave_running=leave_running,
+                                         external=external)
     if pid is None or pid <= 0:
         raise InvalidArgument(f"bad pid {pid}")
-    return api_pb2.CheckpointRequest(pid=pid, leave_running=leave_running)
+    return api_pb2.CheckpointRequest(pid=pid, leave_running=leave_running, external=external)
 
 
 def _required(ref: str) -> str:

@@ -166,7 +166,8 @@ def cmd_checkpoint(ctx: Context) -> int:
     try:
         dest = ctx.binary_stdout() if to_stdout else a.output
         size = client.checkpoint_to_file(dest, ref=a.id, pid=a.pid,
-                                         leave_running=a.leave_running, progress=progress)
+                                         leave_running=a.leave_running, progress=progress,
+                                         external=a.external)
     except BrokenPipeError:
         raise
     except OSError as e:

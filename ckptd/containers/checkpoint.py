@@ -13,6 +13,7 @@ itself and nothing is yielded; progress then comes from the worker's reports.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import State
 from ckptd.containers.operations import Kind, Operations
 from ckptd.containers.worker import Worker, WorkerPool, error_from
+from ckptd.engine import leaks
 from ckptd.kernel import procfs
 
 log = structlog.get_logger(__name__)
@@ -35,10 +37,13 @@ KILLED_NOTE = "checkpointed and stopped (its image was sent to the caller)"
 
 @dataclass(frozen=True)
 class Target:
-    """What to checkpoint: a container of ours, or a host process by pid."""
+    """What to checkpoint: a container of ours, or a host process by pid;
+    ``externals`` names resources shared with outside processes to accept
+    as private copies (ckptd/engine/leaks.py)."""
 
     container: str = ""
     pid: int = 0
+    externals: tuple[str, ...] = ()
 
 
 def checkpoint(manager: ContainerManager, operations: Operations, workers: WorkerPool,
@@ -101,6 +106,7 @@ def checkpoint(manager: ContainerManager, operations: Operations, workers: Worke
 
 
 def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any], str]:
+    externals = sorted(leaks.parse_externals(target.externals))   # typos: before any work
     if target.container:
         info = manager.get(target.container)
         if info.state != State.RUNNING:
@@ -109,8 +115,12 @@ def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any],
         source = {"kind": "container", "container_id": info.id, "container_name": info.name,
                   "hostname": info.hostname, "network": info.network.value,
                   "log_path": str(manager.log_path(info.id))}
+        # What ckptd itself holds of a container (the shim: its log and
+        # pty; the daemon) is expected, not a leak.
+        ours = [pid for pid in (manager.shim_pid(info.id), os.getpid()) if pid]
         return ({"op": "checkpoint", "pid": info.init_pid, "cgroup": info.cgroup_path,
-                 "freezer": manager.freezer_name(info.id), "source": source}, info.id)
+                 "freezer": manager.freezer_name(info.id), "source": source,
+                 "ignore_pids": ours, "externals": externals}, info.id)
     if target.pid <= 0:
         raise errors.UsageError(f"bad pid {target.pid}")
     try:
@@ -120,7 +130,8 @@ def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any],
     if target.pid == 1:
         raise errors.UsageError("refusing to checkpoint pid 1 of the host")
     return ({"op": "checkpoint", "pid": target.pid, "cgroup": None, "freezer": None,
-             "source": {"kind": "host"}}, "")
+             "source": {"kind": "host"}, "ignore_pids": [os.getpid()],
+             "externals": externals}, "")
 
 
 def _control(message: dict[str, Any], op, count_bytes: bool = False) -> dict[str, Any] | None:

@@ -185,6 +185,14 @@ class ContainerManager:
     def freezer_name(self, ref: str) -> str:
         return self._registry.resolve(ref).record.backend
 
+    def shim_pid(self, ref: str) -> int:
+        """The container's live shim (it holds the container's log and pty),
+        0 if it has none or it is gone (its pid may be someone else's now)."""
+        record = self._registry.resolve(ref).record
+        if record.shim_pid and process.is_running(record.shim_pid, record.shim_start_time):
+            return record.shim_pid
+        return 0
+
     def note(self, ref: str, text: str) -> None:
         with self._locked(ref) as entry:
             self._update(entry, entry.record.with_note(text))

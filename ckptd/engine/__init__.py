@@ -7,6 +7,7 @@ container's init or a host pid), all its threads, zombies, sessions, groups.
     restore.py    read/validate -> stub -> layout -> pages -> finish -> registers
     inject.py     syscalls inside a stopped task: single-step, and the batch runner
     tree.py       the tree: parents, groups, sessions, zombies; what processes may not share
+    leaks.py      what the tree shares with processes outside it, and accepting it by name
     one module per resource, each with dump_x / restore_x:
     memory.py     VMAs, pages, vdso, mm fields (PR_SET_MM_MAP)
     regs.py       registers, xstate, syscall restart fixups

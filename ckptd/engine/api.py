@@ -11,7 +11,7 @@ uses the same through ``python -m ckptd.engine.worker``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from ckptd.engine.dump import Dumped, DumpSession, Progress
@@ -40,8 +40,13 @@ class Checkpoint:
 @contextlib.contextmanager
 def checkpointed(pid: int, sink, *, cgroup: str | None = None, freezer: str | None = None,
                  source: dict[str, Any] | None = None,
-                 progress: Progress | None = None) -> Iterator[Checkpoint]:
-    session = DumpSession(pid, cgroup=cgroup, freezer=freezer)
+                 progress: Progress | None = None, ignore_pids: Collection[int] = (),
+                 externals: Collection[str] = ()) -> Iterator[Checkpoint]:
+    """``externals``: names of resources shared with processes outside the
+    tree to accept as private copies (a refusal's report lists them);
+    ``ignore_pids``: outside processes whose sharing is expected (leaks.py)."""
+    session = DumpSession(pid, cgroup=cgroup, freezer=freezer, ignore_pids=ignore_pids,
+                          externals=externals)
     cp: Checkpoint | None = None
     try:
         with context(pid=pid):

@@ -19,15 +19,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from ckptd.engine import (files, identity, memory, rlimits, sharing_tables, signals, threads,
-                          timers, tree)
+from ckptd.engine import (files, identity, leaks, memory, rlimits, sharing_tables, signals,
+                          threads, timers, tree)
 from ckptd.engine.inject import Tracee
 from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageWriter, new_header
@@ -118,11 +118,16 @@ class _Proc:
 
 class DumpSession:
     """One checkpoint of the process tree under ``pid``: ``start``,
-    ``collect``, ``write``, ``finish``."""
+    ``collect``, ``write``, ``finish``. ``ignore_pids``: processes outside
+    the tree whose sharing is expected (the caller's own, e.g. a container's
+    shim); ``externals``: names of leaks to accept as private copies (leaks.py)."""
 
     def __init__(self, pid: int, *, cgroup: str | None = None,
-                 freezer: str | None = None) -> None:
+                 freezer: str | None = None, ignore_pids: Collection[int] = (),
+                 externals: Collection[str] = ()) -> None:
         self.pid = pid
+        self.ignore_pids = frozenset(ignore_pids)
+        self.externals = leaks.parse_externals(externals)   # bad syntax: before any stop
         self.cgroup = Path(cgroup) if cgroup else Path()
         self.freezer: Freezer | None = (
             freezer_mod.make_freezer(freezer or "cgroup2", V1_MOUNT, V2_MOUNT)
@@ -339,6 +344,8 @@ class DumpSession:
         sharing_tables.plan(tasks, {t.pid: t.ppid for t in tasks[1:]})
         tree.check_shared(pids, [c["files"] for c in self.collected],
                           own_mm=[p.pid for p in self.procs if not p.vm_of])
+        leaks.check(self.pid, pids, [c["files"] for c in self.collected], zombies=self.zombies,
+                    ignore=self.ignore_pids, accept=self.externals)
         self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
         root_mm = self.collected[0]["mm"]
         self.origin = _origin(self.pid, source or {"kind": "host"}, root_mm,

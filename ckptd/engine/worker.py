@@ -116,8 +116,16 @@ def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:
     pid = req.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         raise errors.UsageError(f"bad pid {pid!r}")
+    ignore = req.get("ignore_pids") or []
+    externals = req.get("externals") or []
+    if not all(isinstance(p, int) for p in ignore) or not all(isinstance(n, str)
+                                                              for n in externals):
+        raise errors.UsageError("ignore_pids must be pids and externals names")
+    # The worker is our own infrastructure: what it holds is not the tree's to lose.
+    ignore = [*ignore, os.getpid()]
     with api.checkpointed(pid, out, cgroup=req.get("cgroup"), freezer=req.get("freezer"),
-                          source=req.get("source"), progress=progress) as cp:
+                          source=req.get("source"), progress=progress, ignore_pids=ignore,
+                          externals=externals) as cp:
         out.close()
         d = cp.dumped
         ctl.send({"dumped": {"bytes": d.bytes, "pages": d.pages,

@@ -264,11 +264,12 @@ class Servicer(api_pb2_grpc.CkptdServicer):
         try:
             which = request.WhichOneof("target")
             if which == "id":
-                target = Target(container=self._owned(request.id, caller).id)
+                target = Target(container=self._owned(request.id, caller).id,
+                                externals=tuple(request.external))
             elif which == "pid":
                 if not caller.is_root:
                     raise PermissionError_("only root may checkpoint host processes by pid")
-                target = Target(pid=request.pid)
+                target = Target(pid=request.pid, externals=tuple(request.external))
             else:
                 raise UsageError("checkpoint needs a container id or a pid")
             # With a file of the caller's, nothing is yielded: the engine
