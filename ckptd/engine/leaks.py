@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ckptd.errors import UnsupportedError, UsageError
+from ckptd.errors import StateError, UsageError
 from ckptd.kernel import proctask
 from ckptd.kernel import task as task_mod
 from ckptd.v1 import image_pb2
@@ -155,7 +155,7 @@ class Report:
         return sorted({leak.name for leak in self.leaks})
 
 
-class LeakError(UnsupportedError):
+class LeakError(StateError):
     """The tree shares resources with processes outside it."""
 
     def __init__(self, root: int, leaks: Iterable[Leak], notes: Iterable[str] = ()) -> None:

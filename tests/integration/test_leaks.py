@@ -21,7 +21,7 @@ from harness import Daemon, kill_and_reap, pid_gone, wait_for
 from helpers import require, require_root
 
 from ckptd.engine import api, leaks
-from ckptd.errors import UnsupportedError, UsageError
+from ckptd.errors import StateError, UsageError
 from ckptd.kernel import task as task_mod
 from ckptd.v1 import api_pb2 as pb
 
@@ -134,8 +134,8 @@ def fd_holder(tmp_path: Path, request):
     return proc, shared, d
 
 
-def refusal(pid: int, **kwargs) -> UnsupportedError:
-    with pytest.raises(UnsupportedError) as e:
+def refusal(pid: int, **kwargs) -> StateError:
+    with pytest.raises(StateError) as e:
         with open(os.devnull, "wb") as sink:
             api.checkpoint(pid, sink, **kwargs)
     return e.value
@@ -262,7 +262,7 @@ def test_pid_tree_through_ckptctl(daemon: Daemon, fd_holder, tmp_path: Path) -> 
     image = tmp_path / "tree.img"
     r = ckptctl(daemon, "checkpoint", "--pid", str(proc.pid), "-o", str(image))
     err = r.stderr.decode()
-    assert r.returncode == 8, err + daemon.log()    # UNIMPLEMENTED
+    assert r.returncode == 4, err + daemon.log()    # FAILED_PRECONDITION
     first, *report = err.splitlines()
     assert first.startswith(f"ckptctl: error: the tree of pid {proc.pid} shares 1 resource")
     [line] = [x for x in report if x.strip().startswith("file:")]
@@ -335,7 +335,7 @@ def test_container_holding_a_file_from_outside_is_refused(
         from ckptd_client import errors
         with pytest.raises(errors.ClientError) as e:
             b"".join(c.checkpoint(ctr.id))
-        assert e.value.code == "UNIMPLEMENTED"
+        assert e.value.code == "FAILED_PRECONDITION"
         message = e.value.message
         assert f"file:{shared_path}" in message
         assert f"pid {ctr.init_pid} fd {their_fd}" in message
@@ -372,7 +372,7 @@ def test_container_entered_from_outside_is_refused(daemon: Daemon, tmp_short: Pa
             from ckptd_client import errors
             with pytest.raises(errors.ClientError) as e:
                 b"".join(c.checkpoint(ctr.id))
-            assert e.value.code == "UNIMPLEMENTED"
+            assert e.value.code == "FAILED_PRECONDITION"
             assert f"process:{entered}" in e.value.message
             assert "cannot be checkpointed with the tree" in e.value.message
             with pytest.raises(errors.ClientError) as e:

@@ -7,7 +7,7 @@ import pytest
 
 from ckptd.engine import leaks
 from ckptd.engine.leaks import Holder, Leak
-from ckptd.errors import UnsupportedError, UsageError
+from ckptd.errors import StateError, UsageError
 
 
 @pytest.mark.parametrize("name, canonical", [
@@ -73,9 +73,9 @@ def test_a_process_from_outside_cannot_be_accepted() -> None:
     assert "cannot be checkpointed with the tree" in text and "--external" not in text
 
 
-def test_leak_error_is_unsupported_and_keeps_context_on_its_first_line() -> None:
+def test_leak_error_is_a_wrong_state_and_keeps_context_on_its_first_line() -> None:
     e = leaks.LeakError(100, (_leak("file", "file:/x", "/x"),))
-    assert isinstance(e, UnsupportedError) and e.leaks[0].name == "file:/x"
+    assert isinstance(e, StateError) and e.leaks[0].name == "file:/x"
     e.context["pid"] = 100
     first, *rest = str(e).splitlines()
     assert first.endswith("outside it (pid=100)")
