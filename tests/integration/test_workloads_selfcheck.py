@@ -35,6 +35,7 @@ SABOTAGE_SAYS = {
     "pythreads": "counter 0 stopped at",
     "tree": ": pgid: got",
     "zombie": "exit 7 (pid",
+    "sharing": "child: shared.dat offset after the parent's write",
 }
 
 

@@ -78,6 +78,7 @@ WORKLOADS: dict[str, Spec] = {
     "pythreads": Spec("pythreads.py"),
     "tree": Spec("tree.c"),
     "zombie": Spec("zombie.c"),
+    "sharing": Spec("sharing.c"),
 }
 
 
