@@ -12,13 +12,16 @@
  *   split  a 1 MiB object with one page unmapped in the middle: two VMAs of
  *          one object in each process; the parent writes the first, the
  *          child the second but its last page.
+ *   priv   2 MiB of private memory the parent filled before the forks and
+ *          nobody wrote since: the same physical pages in all three (the
+ *          dump reports them as stored twice, cow_shared_bytes).
  * Files (opened before the forks, so one description each, one offset):
  *   shared.dat  the parent writes 100 bytes, the child 50 more (offset 150)
  *   append.log  O_APPEND, each writes a line
  *   /dev/null   its status flags (O_NONBLOCK) belong to the description
  *   gone.dat    written, then unlinked: a deleted file, shared
  * After go, every process checks every pattern, the untouched pages, the
- * offsets, and with kcmp that its fds are its parent's descriptions; then
+ * offset (150, before anyone moves it), and with kcmp that its fds are its parent's descriptions; then
  * in turn (through the flags page, with timeouts) the parent writes 10
  * bytes and sets O_NONBLOCK, the child sees offset 160 and the flag, seeks
  * to 1000, appends, writes into part and split; the grandchild sees 1000,
@@ -45,9 +48,11 @@
 #define SYS_KCMP_NR 312
 #define KCMP_FILE_KIND 0
 
-enum { F_READY, F_PARENT_DONE, F_CHILD_DONE, F_GRANDCHILD_DONE, NFLAGS };
+enum { F_READY, F_CHECKED, F_PARENT_DONE, F_CHILD_DONE, F_GRANDCHILD_DONE, NFLAGS };
 
-static unsigned char *big, *part, *split;
+#define PRIV_SIZE (2UL << 20)
+
+static unsigned char *big, *part, *split, *priv;
 static _Atomic long *flags;
 static int fd_file, fd_append, fd_null, fd_gone;
 static const char *who = "parent";
@@ -118,6 +123,7 @@ static void check_all_data(void)
 	check_fill("part, the parent's MiB", part, PART_CUT, 3);
 	check_fill("part, the child's MiB", part + PART_SIZE - PART_CUT - PART_CUT, PART_CUT, 4);
 	check_fill("split, first VMA", split, SPLIT_HOLE * PAGE, 5);
+	check_fill("priv", priv, PRIV_SIZE, 7);
 	check_fill("split, second VMA", split + (SPLIT_HOLE + 1) * PAGE,
 		   (SPLIT_PAGES - SPLIT_HOLE - 2) * PAGE, 6);
 	char buf[16] = { 0 };
@@ -140,6 +146,8 @@ static void grandchild(void)
 		wl_nap();
 	check_all_data();
 	check_same_files();
+	CHECK_EQ("grandchild: shared.dat offset", pos_of(fd_file), 150);
+	atomic_fetch_add(&flags[F_CHECKED], 1);
 	if (!wait_flag(F_CHILD_DONE, 1))
 		wl_fail("grandchild: the child's flag never came through the shared memory");
 	CHECK_EQ("grandchild: shared.dat offset after the child's lseek", pos_of(fd_file), 1000);
@@ -176,6 +184,7 @@ static void child(void)
 	check_all_data();
 	check_same_files();
 	CHECK_EQ("child: shared.dat offset", pos_of(fd_file), 150);
+	atomic_fetch_add(&flags[F_CHECKED], 1);
 	if (!wait_flag(F_PARENT_DONE, 1))
 		wl_fail("child: the parent's flag never came through the shared memory");
 	CHECK_EQ("child: shared.dat offset after the parent's write", pos_of(fd_file), 160);
@@ -222,6 +231,10 @@ int main(int argc, char **argv)
 	part = whole + PART_CUT;
 	split = map_shared(SPLIT_PAGES * PAGE);
 	SETUP(munmap(split + SPLIT_HOLE * PAGE, PAGE));
+	priv = mmap(NULL, PRIV_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (priv == MAP_FAILED)
+		wl_die("mmap priv");
+	fill(priv, PRIV_SIZE, 7);
 	fill(big, 512 * PAGE, 1);
 	fill(part, PART_CUT, 3);
 	fill(split, SPLIT_HOLE * PAGE, 5);
@@ -244,12 +257,15 @@ int main(int argc, char **argv)
 		child();
 	if (!wait_flag(F_READY, 2))
 		wl_die("the child and grandchild did not get ready");
-	wl_ready("child=%d\nbig=%p\npart=%p\nsplit=%p\n", c, (void *)big, (void *)part,
-		 (void *)split);
+	wl_ready("child=%d\nbig=%p\npart=%p\nsplit=%p\npriv=%p\n", c, (void *)big,
+		 (void *)part, (void *)split, (void *)priv);
 	wl_wait_go(NULL);
 
 	check_all_data();
 	CHECK_EQ("parent: shared.dat offset", pos_of(fd_file), 150);
+	/* The others check the offset first: only then does it move. */
+	if (!wait_flag(F_CHECKED, 2))
+		wl_fail("parent: the others' checks never came through the shared memory");
 	CHECK_SYS(write(fd_file, hundred, 10));
 	CHECK_SYS(fcntl(fd_null, F_SETFL, fcntl(fd_null, F_GETFL) | O_NONBLOCK));
 	atomic_store(&flags[F_PARENT_DONE], 1);
