@@ -262,8 +262,9 @@ class DumpSession:
             self.collected.append(c)
         tree.check_shared(pids, [c["files"] for c in self.collected])
         self.linked = shared.link(self.collected)
-        self.cow_shared_bytes = shared.count_cow_shared(
-            [shared.cow_keys(c["pid"], c["spans"]) for c in self.collected])
+        if len(self.collected) > 1:    # one process shares with nobody
+            self.cow_shared_bytes = shared.count_cow_shared(
+                [shared.cow_keys(c["pid"], c["spans"]) for c in self.collected])
         self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
         root_mm = self.collected[0]["mm"]
         self.origin = _origin(self.pid, source or {"kind": "host"}, root_mm,

@@ -371,7 +371,13 @@ class PageFiller:
                              record=f"#{rec.index} PAGES")
         fd, pos = self.memfd, rec.vaddr
         if v.shmem_id:
-            fd, pos = self._object_fd(v), v.pgoff + rec.vaddr - v.start
+            pos = v.pgoff + rec.vaddr - v.start
+            if pos + rec.data.nbytes > v.shmem_size:
+                # A write there would grow the object, not fill it.
+                raise ImageError(f"page data {rec.vaddr:#x}-{end:#x} lies beyond the end of "
+                                 f"shared memory {v.shmem_id}", offset=rec.offset,
+                                 record=f"#{rec.index} PAGES")
+            fd = self._object_fd(v)
         self.flush()
         self._pending = self._pool.submit(mem.pwrite_exact, fd, rec.data, pos, self.pid)
         self.bytes += rec.data.nbytes

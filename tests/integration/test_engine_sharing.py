@@ -33,7 +33,7 @@ SHARED_PAGES = (512 + 512 + 1) + (256 + 256) + (64 + 190)
 # priv (2 MiB) is the same physical memory in the child and the grandchild
 # as in the parent: at least twice 2 MiB stored again.
 COW_AT_LEAST = 2 * (2 << 20)
-FDS = (3, 4, 5, 6)     # shared.dat, append.log, /dev/null, gone.dat (deleted)
+FDS = (3, 4, 5, 6, 7)  # shared.dat, append.log, /dev/null, gone.dat (deleted), DIR
 
 
 def tree_pids(root: int) -> list[int]:

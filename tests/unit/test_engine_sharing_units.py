@@ -146,3 +146,18 @@ def test_a_taken_description_that_lands_right_keeps_or_drops_cloexec() -> None:
     assert _calls(b) == [(shared.PIDFD_OPEN, (17, 0)), (shared.PIDFD_GETFD, (1, 5, 0)),
                          (sysnr.CLOSE, (1,)), (sysnr.FCNTL, (2, shared.F_SETFD, 0))]
     assert table.used == {0, 2}
+
+
+def test_page_data_beyond_the_end_of_its_object_is_an_image_error() -> None:
+    from ckptd.image.reader import PageRecord
+    # The VMA reaches past its object (mremap can grow a mapping so): pages
+    # there would grow the object if written.
+    mm = _mm(_vma(0x10000, 0x14000, shmem_id=1, shmem_size=2 * PAGE, pgoff=PAGE))
+    filler = memory.PageFiller(-1, 0, mm)
+    try:
+        rec = PageRecord(index=5, type=3, offset=100, length=0x2010, flags=0,
+                         vaddr=0x11000, vma_id=1, data=memoryview(bytes(0x2000)))
+        with pytest.raises(ImageError, match="beyond the end of shared memory 1"):
+            filler.fill(rec)
+    finally:
+        filler.close()

@@ -20,6 +20,7 @@
  *   append.log  O_APPEND, each writes a line
  *   /dev/null   its status flags (O_NONBLOCK) belong to the description
  *   gone.dat    written, then unlinked: a deleted file, shared
+ *   DIR         a directory
  * After go, every process checks every pattern, the untouched pages, the
  * offset (150, before anyone moves it), and with kcmp that its fds are its parent's descriptions; then
  * in turn (through the flags page, with timeouts) the parent writes 10
@@ -54,7 +55,7 @@ enum { F_READY, F_CHECKED, F_PARENT_DONE, F_CHILD_DONE, F_GRANDCHILD_DONE, NFLAG
 
 static unsigned char *big, *part, *split, *priv;
 static _Atomic long *flags;
-static int fd_file, fd_append, fd_null, fd_gone;
+static int fd_file, fd_append, fd_null, fd_gone, fd_dir;
 static const char *who = "parent";
 
 static uint64_t word_at(uint64_t seed, size_t i)
@@ -106,8 +107,8 @@ static long pos_of(int fd)
 
 static void check_same_files(void)
 {
-	int fds[] = { fd_file, fd_append, fd_null, fd_gone };
-	for (int i = 0; i < 4; i++) {
+	int fds[] = { fd_file, fd_append, fd_null, fd_gone, fd_dir };
+	for (int i = 0; i < 5; i++) {
 		long r = syscall(SYS_KCMP_NR, getpid(), getppid(), KCMP_FILE_KIND, fds[i], fds[i]);
 		CHECK(r == 0, "%s: fd %d is not its parent's open file description (kcmp %ld: %s)",
 		      who, fds[i], r, r < 0 ? strerror(errno) : "different");
@@ -243,6 +244,7 @@ int main(int argc, char **argv)
 	SETUP(fd_append = open("append.log", O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644));
 	SETUP(fd_null = open("/dev/null", O_RDWR));
 	SETUP(fd_gone = open("gone.dat", O_RDWR | O_CREAT | O_TRUNC, 0600));
+	SETUP(fd_dir = open(".", O_RDONLY | O_DIRECTORY));
 	char hundred[100];
 	memset(hundred, 'p', sizeof(hundred));
 	if (write(fd_file, hundred, 100) != 100 || write(fd_append, "parent\n", 7) != 7
