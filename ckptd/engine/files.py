@@ -1,6 +1,8 @@
 """Open files: regular files and directories at the same fd numbers with
 their flags and offsets, a few character devices by path, deleted-but-open
-files (contents in a FILE_DATA record), cwd and root.
+files (contents in a FILE_DATA record), cwd and root. An open file
+description that several processes of the tree hold (fork after open) is
+opened once, by its owner, and taken by the others (shared.py).
 
 Anything else (sockets, pipes, ttys, eventfd, epoll ...) is refused up front
 with an UnsupportedError naming pid, fd and kind.
@@ -13,6 +15,7 @@ import stat as stat_mod
 import uuid
 
 from ckptd.errors import ImageError, StateError, UnsupportedError
+from ckptd.engine import shared
 from ckptd.engine.memory import file_stat
 from ckptd.kernel import proctask, sysnr
 from ckptd.kernel import task as task_mod
@@ -101,12 +104,24 @@ def check_files(files: image_pb2.Files, data: dict[int, bytes]) -> None:
         if f.is_dup and (f.dup_of not in seen or f.dup_of >= f.fd):
             raise ImageError(f"fd {f.fd} duplicates fd {f.dup_of}, not an earlier fd",
                              record="FILES")
-        if f.deleted and f.fd not in data:
+        if f.shared_owner and not f.shared_id or f.shared_id and f.is_dup:
+            raise ImageError(f"fd {f.fd} owns a shared file description without an id, "
+                             "or is both a dup and shared", record="FILES")
+        if f.deleted and f.fd not in data and not _taken(f):
             raise ImageError(f"deleted file at fd {f.fd} without its contents", record="FILES")
         seen.add(f.fd)
+    ids = [f.shared_id for f in files.fds if f.shared_id]
+    if len(ids) != len(set(ids)):
+        raise ImageError(f"a shared file description twice in one fd table ({sorted(ids)}): "
+                         "the second should be a dup", record="FILES")
     for path in (files.cwd, files.root):
         if not path.startswith("/"):
             raise ImageError(f"bad directory {path!r}", record="FILES")
+
+
+def _taken(f: image_pb2.Fd) -> bool:
+    """Whether the fd takes a description another task opens (shared.py)."""
+    return bool(f.shared_id) and not f.shared_owner
 
 
 def prepare_deleted(files: image_pb2.Files, data: dict[int, bytes]) -> dict[int, str]:
@@ -115,7 +130,7 @@ def prepare_deleted(files: image_pb2.Files, data: dict[int, bytes]) -> dict[int,
     made: dict[int, str] = {}
     try:
         for f in files.fds:
-            if not f.deleted:
+            if not f.deleted or _taken(f):
                 continue
             # Its old name if free, so that /proc/PID/fd shows the same link;
             # else a fresh name in the same directory (same file system).
@@ -179,11 +194,16 @@ class FdTable:
         self.used.discard(fd)
 
 
-def restore_files(batch, files: image_pb2.Files, table: FdTable, temp: dict[int, str]) -> None:
+def restore_files(batch, files: image_pb2.Files, table: FdTable, temp: dict[int, str],
+                  sharing=None) -> None:
     """Open each file at its fd number (ascending, so the lowest-free open is
-    never above the wanted number)."""
+    never above the wanted number). A description another task of the tree
+    opens is taken from it (``sharing``: a shared.Sharing)."""
     for f in sorted(files.fds, key=lambda f: f.fd):
         flags = f.flags & ~_DROP_FLAGS
+        if _taken(f) and sharing is not None:
+            shared.take_fd(batch, table, f, sharing.take_from(f.shared_id))
+            continue
         if f.is_dup:
             batch.call(sysnr.DUP3, f.dup_of, f.fd, flags & O_CLOEXEC, what=f"dup fd {f.fd}")
             table.used.add(f.fd)

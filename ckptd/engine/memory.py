@@ -4,12 +4,15 @@ Dump: VMAs from /proc/PID/smaps, present pages from PAGEMAP_SCAN, contents
 read in big slices straight into the image writer. Pages not stored: those
 of shared file mappings (they live in the file), file pages of private file
 mappings that were never written (PAGE_IS_FILE: still the file's page), the
-shared zero page, and never-touched pages.
+shared zero page, and never-touched pages. MAP_SHARED|MAP_ANONYMOUS memory
+is not read here but once per object, by shared.py (several processes or
+VMAs may map one object).
 
 Restore: one batch maps every VMA at its address with its final protection,
 then page records are written through /proc/PID/mem (FOLL_FORCE: no
 mprotect needed), each while the next is read, then PR_SET_MM_MAP sets the
-mm fields and the exe.
+mm fields and the exe. Shared anonymous memory is mapped and filled as
+shared.py says (one object, however many tasks map it).
 """
 
 from __future__ import annotations
@@ -132,6 +135,9 @@ def _dump_vma(pid: int, v: proctask.SmapsVma, vma_id: int) -> image_pb2.Vma:
     file_backed = v.inode != 0 and v.path.startswith("/")
     if file_backed and v.shared and v.path == "/dev/zero (deleted)":
         file_backed = False     # MAP_SHARED|MAP_ANONYMOUS shows as deleted /dev/zero
+        # Its object: who else maps it (the inode), its size, where we are in it.
+        msg.stat.CopyFrom(file_stat(os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")))
+        msg.pgoff = v.offset
     elif file_backed and v.path.endswith(" (deleted)"):
         raise UnsupportedError(f"pid {pid} maps a deleted file {v.path} at {v.start:#x}",
                                kind="mapping of a deleted file", **where)
@@ -178,8 +184,8 @@ def _page_spans(pid: int, vmas: list[tuple[image_pb2.Vma, proctask.SmapsVma]]
             msg, _ = vmas[j]
             j += 1
             anon = bool(msg.flags & sysnr.MAP_ANONYMOUS)
-            if msg.flags & sysnr.MAP_SHARED and not anon:
-                continue     # contents live in the file
+            if msg.flags & sysnr.MAP_SHARED:
+                continue     # contents live in the file, or are read per object (shared.py)
             if not anon and r.is_file and not r.is_swapped:
                 continue     # private file page never written: the file has it
             lo, hi = max(r.start, msg.start), min(r.end, msg.end)
@@ -243,6 +249,7 @@ def check_mm(mm: image_pb2.Mm) -> None:
             raise ImageError(f"{where} has unknown flags {v.flags:#x}/{v.prot:#x}", record="MM")
         if not v.flags & sysnr.MAP_ANONYMOUS and not v.path.startswith("/"):
             raise ImageError(f"{where} is file-backed without a path", record="MM")
+        _check_shmem(v, where)
         ids.add(v.id)
         prev_end = v.end
     for name in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
@@ -255,6 +262,22 @@ def check_mm(mm: image_pb2.Mm) -> None:
         raise ImageError(f"auxv of {len(mm.auxv)} bytes", record="MM")
     if mm.vvar_start and (mm.vdso_size > 64 * PAGE or mm.vvar_start % PAGE):
         raise ImageError("bad vdso placement", record="MM")
+
+
+def _check_shmem(v: image_pb2.Vma, where: str) -> None:
+    shmem = v.flags & (sysnr.MAP_SHARED | sysnr.MAP_ANONYMOUS) == (sysnr.MAP_SHARED
+                                                                   | sysnr.MAP_ANONYMOUS)
+    if v.shmem_id and not shmem:
+        raise ImageError(f"{where} names shared memory {v.shmem_id} but is not "
+                         "MAP_SHARED|MAP_ANONYMOUS", record="MM")
+    if not v.shmem_id:
+        if v.shmem_size or (shmem and v.pgoff):
+            raise ImageError(f"{where} has a shared memory size or offset but no object",
+                             record="MM")
+        return
+    if not 0 < v.shmem_size <= TASK_SIZE or v.shmem_size % PAGE or v.pgoff >= v.shmem_size:
+        raise ImageError(f"{where} is at offset {v.pgoff:#x} of shared memory "
+                         f"{v.shmem_id} of {v.shmem_size:#x} bytes", record="MM")
 
 
 def check_files_unchanged(mm: image_pb2.Mm) -> None:
@@ -282,19 +305,26 @@ def check_files_unchanged(mm: image_pb2.Mm) -> None:
                              path=v.path)
 
 
-def map_vmas(batch, mm: image_pb2.Mm, open_file) -> None:
+def map_vmas(batch, mm: image_pb2.Mm, open_file, shmem=None) -> None:
     """Add to ``batch`` the mmap (and madvise) of every VMA. ``open_file(path,
-    flags)`` adds an open and returns the fd it will have (one per file)."""
+    flags)`` adds an open and returns the fd it will have (one per file).
+    ``shmem`` (a shared.TaskShmem) maps the VMAs of shared memory objects."""
     fds: dict[tuple[str, bool], object] = {}
+    if shmem is not None:
+        shmem.create(batch)
     for v in mm.vmas:
         fd: object = -1
-        if not v.flags & sysnr.MAP_ANONYMOUS:
-            key = (v.path, v.file_writable)
-            if key not in fds:
-                fds[key] = open_file(v.path, os.O_RDWR if v.file_writable else os.O_RDONLY)
-            fd = fds[key]
-        batch.call(sysnr.MMAP, v.start, v.end - v.start, v.prot, v.flags | sysnr.MAP_FIXED,
-                   fd, v.pgoff, what=f"mmap of {v.start:#x}-{v.end:#x} {v.name}")
+        if v.shmem_id and shmem is not None:
+            shmem.map(batch, v, open_file)
+        else:
+            if not v.flags & sysnr.MAP_ANONYMOUS:
+                key = (v.path, v.file_writable)
+                if key not in fds:
+                    fds[key] = open_file(v.path, os.O_RDWR if v.file_writable else os.O_RDONLY)
+                fd = fds[key]
+            batch.call(sysnr.MMAP, v.start, v.end - v.start, v.prot,
+                       v.flags | sysnr.MAP_FIXED, fd, v.pgoff,
+                       what=f"mmap of {v.start:#x}-{v.end:#x} {v.name}")
         for advice in v.madvise:
             batch.call(sysnr.MADVISE, v.start, v.end - v.start, advice, may_fail=True,
                        what=f"madvise {advice} at {v.start:#x}")
@@ -302,6 +332,8 @@ def map_vmas(batch, mm: image_pb2.Mm, open_file) -> None:
             # May fail on RLIMIT_MEMLOCK: a lock is a hint of residency, not state.
             batch.call(sysnr.MLOCK, v.start, v.end - v.start, may_fail=True,
                        what=f"mlock at {v.start:#x}")
+    if shmem is not None:
+        shmem.finish(batch)
 
 
 class PageFiller:
@@ -313,6 +345,10 @@ class PageFiller:
     So a record's data must stay valid until the next ``fill`` returns
     (``ImageReader.keep_pages(FILL_AHEAD + 1)``), and ``flush`` must be
     called to wait for the last write; ``close`` ends the thread.
+
+    Pages of shared anonymous memory go through an fd on the object (its
+    /proc/PID/map_files entry), at their offset in it: a read-only or
+    PROT_NONE shared mapping cannot be written through /proc/PID/mem.
     """
 
     def __init__(self, memfd: int, pid: int, mm: image_pb2.Mm) -> None:
@@ -322,6 +358,7 @@ class PageFiller:
         self.bytes = 0
         self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-fill")
         self._pending: futures.Future | None = None
+        self._objects: dict[int, int] = {}    # shmem id -> fd on the object
 
     def fill(self, rec: PageRecord) -> None:
         v = self.vmas.get(rec.vma_id)
@@ -332,10 +369,33 @@ class PageFiller:
         if v.flags & sysnr.MAP_SHARED and not v.flags & sysnr.MAP_ANONYMOUS:
             raise ImageError("page data for a shared file mapping", offset=rec.offset,
                              record=f"#{rec.index} PAGES")
+        fd, pos = self.memfd, rec.vaddr
+        if v.shmem_id:
+            pos = v.pgoff + rec.vaddr - v.start
+            if pos + rec.data.nbytes > v.shmem_size:
+                # A write there would grow the object, not fill it.
+                raise ImageError(f"page data {rec.vaddr:#x}-{end:#x} lies beyond the end of "
+                                 f"shared memory {v.shmem_id}", offset=rec.offset,
+                                 record=f"#{rec.index} PAGES")
+            fd = self._object_fd(v)
         self.flush()
-        self._pending = self._pool.submit(mem.pwrite_exact, self.memfd, rec.data, rec.vaddr,
-                                          self.pid)
+        self._pending = self._pool.submit(mem.pwrite_exact, fd, rec.data, pos, self.pid)
         self.bytes += rec.data.nbytes
+
+    def _object_fd(self, v: image_pb2.Vma) -> int:
+        fd = self._objects.get(v.shmem_id)
+        if fd is None:
+            with open(f"/proc/{self.pid}/maps") as f:
+                for line in f:
+                    lo, hi = (int(x, 16) for x in line.split(" ", 1)[0].split("-"))
+                    if lo <= v.start < hi:
+                        break
+                else:
+                    raise StateError(f"shared memory {v.shmem_id} is not mapped at "
+                                     f"{v.start:#x} in pid {self.pid}", pid=self.pid)
+            fd = os.open(f"/proc/{self.pid}/map_files/{lo:x}-{hi:x}", os.O_RDWR | os.O_CLOEXEC)
+            self._objects[v.shmem_id] = fd
+        return fd
 
     def flush(self) -> None:
         """Wait for the write in flight; raises its error."""
@@ -348,6 +408,9 @@ class PageFiller:
         failed write was reported by ``flush``, or is moot on abort)."""
         self._pool.shutdown(wait=True)
         self._pending = None
+        for fd in self._objects.values():
+            os.close(fd)
+        self._objects.clear()
 
 
 _MM_MAP = struct.Struct("<11QQII")   # struct prctl_mm_map, 104 bytes

@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 
 from ckptd import native
-from ckptd.engine import (files, identity, memory, regs, rlimits, sharing_tables, signals,
-                          threads, timers, tree)
+from ckptd.engine import (files, identity, memory, regs, rlimits, shared, sharing_tables,
+                          signals, threads, timers, tree)
 from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
@@ -428,7 +428,10 @@ class RestoreSession:
             self.tracee.run_batch(b, self.base)
 
     # -- the address space --
-    def build(self) -> None:
+    def build(self, sharing: shared.Sharing | None = None) -> None:
+        """Lay out fds and memory. With ``sharing``, objects shared with tasks
+        built before this one are taken from them, and those this one makes
+        are noted for the tasks built after it."""
         assert self.tracee is not None and self.base is not None
         mm = self.meta.mm
         stub_vmas = proctask.parse_smaps(open(f"/proc/{self.pid}/maps").read())
@@ -440,7 +443,7 @@ class RestoreSession:
         if own_fds:
             b.call(sysnr.CLOSE_RANGE, 0, 0xFFFFFFFF, 0, what="close the stub's fds")
         if self.vm_from is not self:
-            self._build_fds_only(b, own_fds)    # the memory is the first sharer's
+            self._build_fds_only(b, own_fds, sharing)    # the memory is the first sharer's
             return
         vdso_group = [v for v in stub_vmas if v.path in memory.VDSO_NAMES]
         keep_vdso = bool(vdso_group) and mm.vvar_start == vdso_group[0].start
@@ -455,7 +458,7 @@ class RestoreSession:
                    what=f"map the vdso at {mm.vvar_start:#x}")
         table = self.table
         if own_fds:
-            files.restore_files(b, self.meta.files, table, self.temp_files)
+            files.restore_files(b, self.meta.files, table, self.temp_files, sharing)
         map_fds: list[int] = []
 
         def open_file(path: str, flags: int) -> int:
@@ -463,20 +466,30 @@ class RestoreSession:
             map_fds.append(fd)
             return fd
 
-        memory.map_vmas(b, mm, open_file)
+        shmem = None
+        if sharing is not None:
+            busy = [(v.start, v.end) for v in stub_vmas if v.start < memory.TASK_SIZE]
+            busy.append((tramp, tramp + TRAMPOLINE_SIZE))
+            if mm.vvar_start:
+                busy.append((mm.vvar_start, mm.vvar_start + mm.vdso_size))
+            shmem = shared.TaskShmem(sharing, self.meta.task.pid, mm, busy)
+        memory.map_vmas(b, mm, open_file, shmem)
         for fd in map_fds:
             table.close(b, fd)
         self.tracee.run_batch(b, self.base)
         files.unlink_all(self.temp_files)
+        if sharing is not None:
+            sharing.created(self.meta.task.pid, self.pid)
         self.filler = memory.PageFiller(self.tracee.memfd, self.pid, mm)
         log.debug("layout_restored", pid=self.pid, vmas=len(mm.vmas),
                   fds=len(self.meta.files.fds))
 
-    def _build_fds_only(self, b: Batch, own_fds: bool) -> None:
+    def _build_fds_only(self, b: Batch, own_fds: bool,
+                        sharing: shared.Sharing | None = None) -> None:
         """A process sharing another's address space: only its fd table."""
         assert self.tracee is not None and self.base is not None
         if own_fds:
-            files.restore_files(b, self.meta.files, self.table, self.temp_files)
+            files.restore_files(b, self.meta.files, self.table, self.temp_files, sharing)
         self.tracee.run_batch(b, self.base)
         files.unlink_all(self.temp_files)
         log.debug("fds_restored", pid=self.pid, fds=len(self.meta.files.fds),
@@ -690,6 +703,8 @@ def restore(reader: ImageReader, *, target: str = "host",
     started = time.monotonic()
     reader.keep_pages(memory.FILL_AHEAD + 1)
     procs, records, first = read_tree(reader)
+    shared.check_image([(m.task.pid, m.mm, m.files) for m in procs])
+    sharing = shared.Sharing([(m.task.pid, m.mm, m.files) for m in procs])
     need = need_message(procs[0])
     answer = stub(need) if stub is not None else None
     stub_pid, log_path = (answer.get("pid"), answer.get("log_path") or "") \
@@ -707,7 +722,7 @@ def restore(reader: ImageReader, *, target: str = "host",
         _make_tree(sessions)
         live = [s for s in sessions if not s.meta.task.zombie]
         for s in live:
-            s.build()
+            s.build(sharing)
         with root.unpinned():
             _fill_pages(live, reader, records, first, progress)
         done = [s.finish() for s in live]

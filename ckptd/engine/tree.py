@@ -1,14 +1,11 @@
-"""The process tree: who is whose child, in which group and session, and what
-processes of the tree may not share (yet). What they may share (fd tables,
-fs info, address spaces: sharing_tables.py) comes back shared.
+"""The process tree: who is whose child, in which group and session.
 
 Dump: each task's pid, real parent (ppid: an orphan's is the init it was
 reparented to, not its creator), process group, session and exit signal,
-all in the tree's PID namespace. Before anything is written, resources
-shared between processes that a restore would split are refused, naming the
-pids: anonymous MAP_SHARED memory, and open file descriptions (one offset,
-kcmp KCMP_FILE) except on devices and O_APPEND files, whose offset no write
-depends on (they come back as one description per process).
+all in the tree's PID namespace. What processes share comes back shared:
+fd tables, fs info and address spaces (sharing_tables.py), anonymous
+MAP_SHARED memory and open file descriptions (shared.py); what they share
+with processes outside the tree is refused unless accepted (leaks.py).
 
 Restore: ``order`` lists the tasks parents first; each parent clones its
 children itself (restore.py), so the tree's shape and pids come back with it.
@@ -16,11 +13,9 @@ children itself (restore.py), so the tree's shape and pids come back with it.
 
 from __future__ import annotations
 
-import os
 
-from ckptd.errors import ImageError, UnsupportedError
-from ckptd.kernel import procfs, proctask
-from ckptd.kernel import task as task_mod
+from ckptd.errors import ImageError
+from ckptd.kernel import procfs
 from ckptd.v1 import image_pb2
 
 PID_MAX = 1 << 22             # PID_MAX_LIMIT on 64-bit
@@ -60,48 +55,6 @@ def dump_zombie(pid: int, to_ns: dict[int, int], root: int) -> image_pb2.Task:
                           wait_status=int(fields[_STAT_EXIT_CODE]) & 0xFFFF)
     dump_place(pid, task, to_ns, root)
     return task
-
-
-def check_shared(pids: list[int], fds: list[image_pb2.Files],
-                 own_mm: list[int] | None = None) -> None:
-    """Refuse what processes of the tree share and a restore would split.
-    Shared tables (sharing_tables.py) come back shared; ``own_mm`` lists the
-    processes with an address space of their own (default: all)."""
-    _check_shared_files(pids, fds)
-    _check_shared_memory(pids if own_mm is None else own_mm)
-
-
-def _check_shared_files(pids: list[int], fds: list[image_pb2.Files]) -> None:
-    by_file: dict[tuple[int, int], list[tuple[int, image_pb2.Fd]]] = {}
-    for pid, files in zip(pids, fds):
-        for f in files.fds:
-            if f.is_dup or f.kind == "dev" or f.flags & os.O_APPEND:
-                continue
-            by_file.setdefault((f.stat.dev, f.stat.ino), []).append((pid, f))
-    for users in by_file.values():
-        for i, (pid_a, a) in enumerate(users):
-            for pid_b, b in users[i + 1:]:
-                if pid_a != pid_b and task_mod.same_file_across(pid_a, a.fd, pid_b, b.fd):
-                    raise UnsupportedError(
-                        f"pids {pid_a} (fd {a.fd}) and {pid_b} (fd {b.fd}) share one open "
-                        f"file description of {a.path} (one offset): not supported yet",
-                        pid=pid_a, fd=a.fd, kind="shared file description")
-
-
-def _check_shared_memory(pids: list[int]) -> None:
-    seen: dict[tuple[int, int], int] = {}
-    for pid in pids:
-        for v in proctask.parse_smaps(open(f"/proc/{pid}/maps").read()):
-            if not (v.shared and (not v.path.startswith("/") or v.path == "/dev/zero (deleted)")):
-                continue
-            st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
-            key = (st.st_dev, st.st_ino)
-            other = seen.setdefault(key, pid)
-            if other != pid:
-                raise UnsupportedError(
-                    f"pids {other} and {pid} share anonymous MAP_SHARED memory (at "
-                    f"{v.start:#x} in {pid}): not supported yet", pid=pid,
-                    kind="shared anonymous memory")
 
 
 def check_tree(tasks: list[image_pb2.Task]) -> None:

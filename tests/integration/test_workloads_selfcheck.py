@@ -37,6 +37,7 @@ SABOTAGE_SAYS = {
     "zombie": "exit 7 (pid",
     "clone_flags": "not in the shared table",
     "vfork": "is not running sleep",
+    "sharing": "child: shared.dat offset after the parent's write",
 }
 
 

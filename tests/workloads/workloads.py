@@ -80,6 +80,7 @@ WORKLOADS: dict[str, Spec] = {
     "zombie": Spec("zombie.c"),
     "clone_flags": Spec("clone_flags.c"),
     "vfork": Spec("vfork.c"),
+    "sharing": Spec("sharing.c"),
 }
 
 
