@@ -189,6 +189,8 @@ class RestoreSession:
         self.tree_pids: set[int] = set()
         self.helpers: set[int] = set()     # pids of groups whose leader has exited
         self.helper_tids: list[int] = []   # host pids of our helpers still alive
+        # (the root's group if outside the tree, 0 if not; the root's session)
+        self.outside_group: tuple[int, RestoreSession | None] = (0, None)
         # Shared with other processes (sharing_tables.py): the session of the
         # first sharer of the fd table / address space; whether this is the
         # last fs / address-space sharer (chroot / trampoline unmap are last).
@@ -323,14 +325,21 @@ class RestoreSession:
 
     def join_group(self) -> None:
         """Enter its process group, made by its leader (or a helper standing
-        in for one that has exited) before any member was cloned. A group
-        outside the tree (the host root's) is left as it is."""
+        in for one that has exited) before any member was cloned. Members of
+        the root's group when that lies outside the tree (a host tree started
+        from a shell) join the group the root is in now."""
         assert self.tracee is not None and self.base is not None
         task = self.meta.task
+        want = task.pgid
+        outside, root = self.outside_group
+        if want and want == outside and root is not self:
+            want = _ns_ids(root.pid)[1]       # where the root is now
+        elif want not in self.tree_pids | self.helpers:
+            return
         _, pgid = _ns_ids(self.pid)
-        if task.pgid and pgid != task.pgid and task.pgid in self.tree_pids | self.helpers:
+        if want and pgid != want:
             b = Batch(self.tracee.tramp + DATA_AT)
-            b.call(sysnr.SETPGID, 0, task.pgid, what=f"join process group {task.pgid}")
+            b.call(sysnr.SETPGID, 0, want, what=f"join process group {want}")
             self.tracee.run_batch(b, self.base)
 
     def clone_children(self, children: list[image_pb2.Task],
@@ -773,7 +782,10 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
             cloner[t.sid] = root.meta.task.pid
         cloner[t.pid] = t.sid
     helper_by: dict[int, list[int]] = {}   # cloner pid -> groups it makes helpers for
-    made_groups: set[int] = set(by_pid)
+    # The root's group when it lies outside the tree (a host tree started
+    # from a shell): not ours to make; its members join the root's group.
+    outside = root.meta.task.pgid if root.meta.task.pgid not in by_pid else 0
+    made_groups: set[int] = set(by_pid) | {outside}
     for s in sessions[1:]:
         g = s.meta.task.pgid
         if g and g not in made_groups:
@@ -782,7 +794,8 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
     order = [root] + session_helpers + sessions[1:]
     for s in order:
         s.tree_pids = pids
-        s.helpers = made_groups - pids
+        s.helpers = made_groups - pids - {outside}
+        s.outside_group = (outside, root)
     how = sharing_tables.plan([s.meta.task for s in order], cloner)
     flags = {pid: c.flags for pid, c in how.items()}
     by_sibling = {pid: c.source for pid, c in how.items()

@@ -233,3 +233,50 @@ def test_tree_left_running(tmp_path: Path) -> None:
         w.go()
         assert w.result() == "PASS", w.output()
 
+
+IN_OUR_GROUP = r"""
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    if os.fork() == 0:           # a grandchild with a group of its own
+        os.setpgid(0, 0)
+        time.sleep(1000)
+    time.sleep(1000)
+while len(open(f"/proc/{pid}/task/{pid}/children").read().split()) < 1:
+    time.sleep(0.01)
+time.sleep(0.05)
+open(sys.argv[1], "w").close()
+time.sleep(1000)
+"""
+
+
+def test_a_tree_in_the_callers_process_group(tmp_path: Path, request) -> None:
+    """A host tree started from a shell is in the shell's group: its root and
+    the children that stayed in that group come back together in the group
+    the restored root is in; a group made inside the tree comes back as it was."""
+    require_root()
+    import subprocess
+    import sys
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", IN_OUR_GROUP, str(ready)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(ready.exists, 10, "the tree to start")
+        before = tree_ids(proc.pid)
+        assert len(before) == 3
+        ours = os.getpgid(0)
+        assert sum(1 for _, _, pgid, _ in before if pgid == ours) == 2
+        with open(tmp_path / "image", "wb") as f:
+            api.checkpoint(proc.pid, f, kill=True)
+        proc.wait(10)
+        _wait_gone([p for p, *_ in before])
+        with open(tmp_path / "image", "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: _kill_tree(restored.pid))
+        after = tree_ids(restored.pid)
+        root_group = os.getpgid(restored.pid)
+        expect = {(p, pp, root_group if g == ours else g, s) for p, pp, g, s in before}
+        assert after == expect
+    finally:
+        _kill_tree(proc.pid)
