@@ -155,7 +155,7 @@ def _figures(dumped: dict[str, Any] | None, finished: dict[str, Any] | None) -> 
     out: dict[str, Any] = {}
     for source in (dumped or {}), ((finished or {}).get("finished") or {}):
         for key, value in source.items():
-            if key.endswith("_ms") or key in ("pages",):
+            if key.endswith("_ms") or key in ("pages", "tasks", "cow_shared_bytes"):
                 out[key] = value
     return out
 

@@ -65,6 +65,7 @@ class Dumped:
     # still maps the very same physical page (COW after fork): what a
     # deduplicating image would save.
     cow_shared_bytes: int = 0
+    tasks: int = 1              # processes, zombies included
 
 
 class DumpInjector:
@@ -448,7 +449,8 @@ class DumpSession:
         dumped = Dumped(bytes=writer.bytes_written, pages=page_total // memory.PAGE,
                         frozen_ms=(time.monotonic() - self.frozen_at) * 1000,
                         dump_ms=(time.monotonic() - started) * 1000,
-                        cow_shared_bytes=self.cow_shared_bytes)
+                        cow_shared_bytes=self.cow_shared_bytes,
+                        tasks=len(self.procs) + len(self.zombie_tasks))
         log.info("tree_dumped", pid=self.pid, tasks=len(self.procs), bytes=dumped.bytes,
                  pages=dumped.pages, dump_ms=round(dumped.dump_ms, 1),
                  shared_memory_objects=self.linked.objects,

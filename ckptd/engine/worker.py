@@ -128,7 +128,8 @@ def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:
                           externals=externals) as cp:
         out.close()
         d = cp.dumped
-        ctl.send({"dumped": {"bytes": d.bytes, "pages": d.pages,
+        ctl.send({"dumped": {"bytes": d.bytes, "pages": d.pages, "tasks": d.tasks,
+                             "cow_shared_bytes": d.cow_shared_bytes,
                              "frozen_ms": round(d.frozen_ms, 2), "dump_ms": round(d.dump_ms, 2)}})
         try:
             message = ctl.receive()
