@@ -184,3 +184,24 @@ def kill_and_reap(pid: int) -> None:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass   # not ours, or already reaped
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and every process under it (children of any of its threads),
+    breadth first."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Wait until none of ``pids`` exists any more (a dumped tree is gone)."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        assert time.monotonic() < deadline, f"pids {pids} did not go away"
+        time.sleep(0.01)

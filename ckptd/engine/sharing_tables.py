@@ -43,7 +43,6 @@ from ckptd.v1 import image_pb2
 
 log = structlog.get_logger(__name__)
 
-KCMP_SIGHAND = 4
 CLONE_VFORK = 0x4000
 CLONE_PARENT = 0x8000
 SYS_CLONE, SYS_VFORK = 56, 58
@@ -58,7 +57,7 @@ WALL = 0x40000000            # waitpid __WALL: also clone children
 KINDS = (("files_of", task_mod.KCMP_FILES, sysnr.CLONE_FILES, "an fd table (CLONE_FILES)"),
          ("fs_of", task_mod.KCMP_FS, sysnr.CLONE_FS, "a cwd/root/umask (CLONE_FS)"),
          ("vm_of", task_mod.KCMP_VM, sysnr.CLONE_VM, "an address space (CLONE_VM)"),
-         ("sighand_of", KCMP_SIGHAND, sysnr.CLONE_SIGHAND,
+         ("sighand_of", task_mod.KCMP_SIGHAND, sysnr.CLONE_SIGHAND,
           "signal handlers (CLONE_SIGHAND)"))
 FIELDS = tuple(k[0] for k in KINDS)
 

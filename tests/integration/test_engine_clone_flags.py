@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import wait_for
+from harness import tree_pids, wait_for, wait_gone
 from helpers import require_root
 from workloads.workloads import Workload, build
 
@@ -25,16 +25,6 @@ from ckptd.kernel import task as task_mod
 pytestmark = pytest.mark.root
 
 
-def tree_pids(root: int) -> list[int]:
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            todo += [int(c) for c in f.read().split()]
-    return out
-
-
 def sharing_view(root: int, info: dict[str, str]) -> dict[str, bool]:
     """What the workload's processes share, as kcmp sees it from outside
     (host pids from the ready file, which are the same after restore)."""
@@ -43,7 +33,7 @@ def sharing_view(root: int, info: dict[str, str]) -> dict[str, bool]:
     return {"files root-a": same(root, a, task_mod.KCMP_FILES),
             "fs root-b": same(root, b, task_mod.KCMP_FS),
             "vm root-c": same(root, c, task_mod.KCMP_VM),
-            "sighand root-c": same(root, c, sharing_tables.KCMP_SIGHAND),
+            "sighand root-c": same(root, c, task_mod.KCMP_SIGHAND),
             "files root-b": same(root, b, task_mod.KCMP_FILES),
             "fs root-a": same(root, a, task_mod.KCMP_FS),
             "vm root-a": same(root, a, task_mod.KCMP_VM)}
@@ -67,13 +57,6 @@ def _kill_all(pids: list[int]) -> None:
             pass    # not ours (the tree's own children): reaped by their parent
 
 
-def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(os.path.exists(f"/proc/{p}") for p in pids):
-        assert time.monotonic() < deadline, "the dumped tree did not go away"
-        time.sleep(0.01)
-
-
 def test_clone_flags_on_the_host(tmp_path: Path, request) -> None:
     require_root()
     with Workload.start("clone_flags", tmp_path / "wl") as w:
@@ -86,7 +69,7 @@ def test_clone_flags_on_the_host(tmp_path: Path, request) -> None:
         with open(image, "wb") as f:
             api.checkpoint(w.pid, f, kill=True)
         w.reap()
-        _wait_gone(pids)
+        wait_gone(pids)
         with open(image, "rb") as f:
             restored = api.restore(f)
         assert restored.pid == w.pid
@@ -146,7 +129,7 @@ def test_a_vfork_child_runs_to_its_exec_then_the_tree_is_checkpointed(tmp_path: 
             api.checkpoint(w.pid, f, kill=True)
         took = time.monotonic() - started
         w.reap()
-        _wait_gone([w.pid, child])
+        wait_gone([w.pid, child])
         with open(image, "rb") as f:
             restored = api.restore(f)
         assert restored.pid == w.pid

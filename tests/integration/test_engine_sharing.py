@@ -10,12 +10,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from harness import RESTORE_VIEW_IGNORE, kill_and_reap, wait_for
+from harness import RESTORE_VIEW_IGNORE, kill_and_reap, tree_pids, wait_for, wait_gone
 from helpers import require_root
 from workloads.workloads import Workload, build, compare_views, outside_view
 
@@ -35,16 +34,6 @@ SHARED_PAGES = (512 + 512 + 1) + (256 + 256) + (64 + 190)
 # as in the parent: at least twice 2 MiB stored again.
 COW_AT_LEAST = 2 * (2 << 20)
 FDS = (3, 4, 5, 6, 7)  # shared.dat, append.log, /dev/null, gone.dat (deleted), DIR
-
-
-def tree_pids(root: int) -> list[int]:
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            todo += [int(c) for c in f.read().split()]
-    return out
 
 
 def shmem_objects(pid: int) -> list[tuple[int, int]]:
@@ -93,13 +82,6 @@ def stored_shared_bytes(image: Path) -> int:
     return total
 
 
-def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(os.path.exists(f"/proc/{p}") for p in pids):
-        assert time.monotonic() < deadline, "the dumped tree did not go away"
-        time.sleep(0.01)
-
-
 def test_sharing_on_the_host(tmp_path: Path, request) -> None:
     require_root()
     with Workload.start("sharing", tmp_path / "wl") as w:
@@ -114,7 +96,7 @@ def test_sharing_on_the_host(tmp_path: Path, request) -> None:
         assert dumped.cow_shared_bytes < dumped.pages * PAGE, dumped
         assert stored_shared_bytes(image) == SHARED_PAGES * PAGE
         w.reap()
-        _wait_gone(pids)
+        wait_gone(pids)
         with open(image, "rb") as f:
             restored = api.restore(f)
         request.addfinalizer(lambda: kill_and_reap(restored.pid))

@@ -6,12 +6,11 @@ parent, process group and session, and the tree must then check itself."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from harness import wait_for
+from harness import wait_for, wait_gone
 from helpers import require_root
 from workloads.workloads import Workload, build
 
@@ -46,13 +45,6 @@ def procfs_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(os.path.exists(f"/proc/{p}") for p in pids):
-        assert time.monotonic() < deadline, "the dumped tree did not go away"
-        time.sleep(0.01)
-
-
 def _kill_tree(pid: int) -> None:
     try:
         os.kill(pid, 9)      # PR_SET_PDEATHSIG takes the rest
@@ -77,7 +69,7 @@ def _host_round(name: str, tmp_path: Path, request, tasks: int | None = None) ->
         with open(image, "wb") as f:
             api.checkpoint(w.pid, f, kill=True)
         w.reap()
-        _wait_gone([p for p, *_ in before])
+        wait_gone([p for p, *_ in before])
         with open(image, "rb") as f:
             restored = api.restore(f)
         request.addfinalizer(lambda: _kill_tree(restored.pid))
@@ -184,7 +176,7 @@ def test_sharing_between_processes_is_kept(what: str, tmp_path: Path, request) -
     with open(tmp_path / "image", "wb") as f:
         api.checkpoint(proc.pid, f, kill=True)
     proc.wait(5)
-    _wait_gone(pids)
+    wait_gone(pids)
     with open(tmp_path / "image", "rb") as f:
         assert api.restore(f).pid == proc.pid
     assert [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()] \
@@ -208,7 +200,7 @@ def test_a_taken_pid_is_named(tmp_path: Path) -> None:
         with open(tmp_path / "image", "wb") as f:
             api.checkpoint(w.pid, f, kill=True)
         w.reap()
-        _wait_gone([p for p, *_ in before])
+        wait_gone([p for p, *_ in before])
         taken = int(ready["waiter"])
         squatter = task_mod.spawn_with_pid(taken, "/bin/sleep", ["sleep", "100"])
         try:
@@ -270,7 +262,7 @@ def test_a_tree_in_the_callers_process_group(tmp_path: Path, request) -> None:
         with open(tmp_path / "image", "wb") as f:
             api.checkpoint(proc.pid, f, kill=True)
         proc.wait(10)
-        _wait_gone([p for p, *_ in before])
+        wait_gone([p for p, *_ in before])
         with open(tmp_path / "image", "rb") as f:
             restored = api.restore(f)
         request.addfinalizer(lambda: _kill_tree(restored.pid))
