@@ -46,6 +46,7 @@ from typing import Any
 
 import structlog
 
+from ckptd.engine import memory
 from ckptd.errors import ImageError, StateError
 from ckptd.kernel import sysnr
 from ckptd.kernel import task as task_mod
@@ -53,20 +54,12 @@ from ckptd.v1 import image_pb2
 
 log = structlog.get_logger(__name__)
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-# Syscalls only this module injects (kept here, not in kernel/sysnr.py).
-PIDFD_OPEN, PIDFD_GETFD = 434, 438
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-F_SETFD, FD_CLOEXEC = 2, 1
-O_CLOEXEC = 0o2000000
+PAGE = memory.PAGE
 SEEK_DATA, SEEK_HOLE = 3, 4
 MADV_POPULATE_READ = 22
-# Object contents go to the writer in slices of this size (as memory.READ_SLICE).
-READ_SLICE = 16 << 20
 # Where to look for room for a temporary whole-object mapping: above the
 # usual mmap_min_addr/brk area, below the 47-bit end of user space.
 TEMP_SEARCH_FROM = 1 << 32
-TASK_SIZE = (1 << 47) - PAGE
 # pagemap(5): bits 56-63 of an entry. A private page present, anonymous and
 # not exclusively mapped has exactly PM_PRESENT set among them.
 _SHARED_TOP = re.compile(rb"\x80+")
@@ -211,7 +204,7 @@ def write_object_pages(spans: list[ObjectSpan], writer,
             with memoryview(m) as view:
                 done = 0
                 while done < span.length:
-                    n = min(READ_SLICE, span.length - done)
+                    n = min(memory.READ_SLICE, span.length - done)
                     at = span.offset + done
                     writer.write_pages(span.vaddr + done, view[at:at + n], span.vma_id)
                     done += n
@@ -400,7 +393,7 @@ class TaskShmem:
         where = f"shared memory {v.shmem_id} at {v.start:#x}"
         if v.shmem_id in self.anchor:
             batch.call(sysnr.MREMAP, self.anchor[v.shmem_id] + v.pgoff, 0, size,
-                       MREMAP_MAYMOVE | MREMAP_FIXED, v.start, what=f"mremap of {where}")
+                       sysnr.MREMAP_MAYMOVE | sysnr.MREMAP_FIXED, v.start, what=f"mremap of {where}")
             batch.call(sysnr.MPROTECT, v.start, size, v.prot, what=f"mprotect of {where}")
             return
         fd = self.fds.get(v.shmem_id)
@@ -421,7 +414,7 @@ class TaskShmem:
             if addr + size <= lo:
                 break
             addr = max(addr, -(-hi // PAGE) * PAGE)
-        if addr + size > TASK_SIZE:
+        if addr + size > memory.TASK_SIZE:
             raise StateError(f"no room in pid {self.pid} for shared memory of {size} bytes")
         return addr
 
@@ -433,15 +426,15 @@ def take_fd(batch, table, f: image_pb2.Fd, owner: tuple[int, int]) -> None:
     pid, fd = owner
     what = f"fd {f.fd} from pid {pid} fd {fd}"
     pidfd = table.lowest_free()
-    batch.call(PIDFD_OPEN, pid, 0, what=f"pidfd_open({pid}) to take {what}")
+    batch.call(sysnr.PIDFD_OPEN, pid, 0, what=f"pidfd_open({pid}) to take {what}")
     table.used.add(pidfd)
     got = table.lowest_free()
-    batch.call(PIDFD_GETFD, pidfd, fd, 0, what=f"pidfd_getfd of {what}")
+    batch.call(sysnr.PIDFD_GETFD, pidfd, fd, 0, what=f"pidfd_getfd of {what}")
     table.used.add(got)
     table.close(batch, pidfd)
-    cloexec = f.flags & O_CLOEXEC
+    cloexec = f.flags & os.O_CLOEXEC
     if got == f.fd:
-        batch.call(sysnr.FCNTL, got, F_SETFD, FD_CLOEXEC if cloexec else 0,
+        batch.call(sysnr.FCNTL, got, sysnr.F_SETFD, sysnr.FD_CLOEXEC if cloexec else 0,
                    what=f"close-on-exec of {what}")
         return
     batch.call(sysnr.DUP3, got, f.fd, cloexec, what=f"dup3 of {what}")

@@ -130,7 +130,7 @@ def test_a_taken_description_lands_on_its_number() -> None:
     table.used |= {0, 1, 2}
     b = Batch(0x1000)
     shared.take_fd(b, table, _fd(3, flags=files.O_CLOEXEC, shared_id=1), (17, 5))
-    assert _calls(b) == [(shared.PIDFD_OPEN, (17, 0)), (shared.PIDFD_GETFD, (3, 5, 0)),
+    assert _calls(b) == [(sysnr.PIDFD_OPEN, (17, 0)), (sysnr.PIDFD_GETFD, (3, 5, 0)),
                          (sysnr.CLOSE, (3,)), (sysnr.DUP3, (4, 3, files.O_CLOEXEC)),
                          (sysnr.CLOSE, (4,))]
     assert table.used == {0, 1, 2, 3}
@@ -143,8 +143,8 @@ def test_a_taken_description_that_lands_right_keeps_or_drops_cloexec() -> None:
     table.used |= {0}
     b = Batch(0x1000)
     shared.take_fd(b, table, _fd(2, shared_id=1), (17, 5))
-    assert _calls(b) == [(shared.PIDFD_OPEN, (17, 0)), (shared.PIDFD_GETFD, (1, 5, 0)),
-                         (sysnr.CLOSE, (1,)), (sysnr.FCNTL, (2, shared.F_SETFD, 0))]
+    assert _calls(b) == [(sysnr.PIDFD_OPEN, (17, 0)), (sysnr.PIDFD_GETFD, (1, 5, 0)),
+                         (sysnr.CLOSE, (1,)), (sysnr.FCNTL, (2, sysnr.F_SETFD, 0))]
     assert table.used == {0, 2}
 
 
