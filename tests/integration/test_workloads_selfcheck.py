@@ -35,6 +35,7 @@ SABOTAGE_SAYS = {
     "pythreads": "counter 0 stopped at",
     "tree": ": pgid: got",
     "zombie": "exit 7 (pid",
+    "fanout": "lost (now",
 }
 
 
