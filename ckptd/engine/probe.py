@@ -19,8 +19,9 @@ Two ways to run them:
 
 Either way the task resumes untouched: registers and scratch bytes are put
 back, the trampoline is unmapped at an address that touched no mapping of
-the task (so nothing merges with it), and every signal but SIGKILL is
-blocked while our code runs, so none is delivered (and lost) meanwhile.
+the task (so nothing merges with it), and every signal but SIGKILL and
+SIGTRAP (see BLOCKED_WHILE_PROBING) is blocked while our code runs, so none
+is delivered (and lost) meanwhile.
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ TASK_SIZE = (1 << 47) - PAGE
 # 32-byte sigaction or timer spec; room for alignment.
 SCRATCH = 256
 RED_ZONE = 128
-ALL_SIGNALS = (1 << 64) - 1
+SIGTRAP = 5
+# Blocked while our code runs: all but SIGTRAP. The runner's int3 and a
+# single step raise SIGTRAP by force, and a forced signal that is blocked
+# gets its action reset to SIG_DFL (the kernel's force_sig_info_to_task).
+BLOCKED_WHILE_PROBING = ((1 << 64) - 1) & ~(1 << (SIGTRAP - 1))
 
 
 class _Out:
@@ -152,7 +157,7 @@ class Probe:
             return
         tid = self.tracee.pid
         mask = ptrace.get_sigmask(tid)
-        ptrace.set_sigmask(tid, ALL_SIGNALS)
+        ptrace.set_sigmask(tid, BLOCKED_WHILE_PROBING)
         try:
             if self.tracee.tramp:
                 self._run_batches()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,44 @@ def test_free_gap_keeps_a_page_from_every_mapping() -> None:
     assert probe.free_gap(tight, size) == low + 0x100000 + 0x1000
     roomy = [v(low, low + 0x1000), v(low + 0x1000 + size + 0x2000, low + 0x100000)]
     assert probe.free_gap(roomy, size) == low + 0x2000
+
+
+def _sig_fields(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigCgt", "SigIgn", "SigBlk"):
+            out[key] = value.strip()
+    return out
+
+
+def test_a_sigtrap_handler_survives_being_probed(tmp_path: Path) -> None:
+    """Our int3 and single steps raise SIGTRAP by force; were SIGTRAP blocked
+    meanwhile, the kernel would reset its action to SIG_DFL."""
+    require_root()
+    import signal
+    import subprocess
+    import sys
+    from ckptd.engine import api
+    ready = tmp_path / "ready"
+    code = ("import signal, sys, time, pathlib\n"
+            "signal.signal(signal.SIGTRAP, lambda *a: None)\n"
+            "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+            f"pathlib.Path({str(ready)!r}).touch()\n"
+            "while True: time.sleep(1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            if ready.exists():
+                break
+            time.sleep(0.01)
+        before = _sig_fields(proc.pid)
+        assert int(before["SigCgt"], 16) >> (signal.SIGTRAP - 1) & 1
+        with open(os.devnull, "wb") as sink:
+            api.checkpoint(proc.pid, sink, kill=False)
+        assert _sig_fields(proc.pid) == before
+    finally:
+        proc.kill()
+        proc.wait()
