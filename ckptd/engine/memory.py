@@ -14,6 +14,7 @@ mm fields and the exe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat as stat_mod
@@ -65,6 +66,18 @@ def file_stat(st: os.stat_result) -> image_pb2.FileStat:
 def vdso_fingerprint(pid: int | str = "self") -> str:
     """sha256 of the [vdso] bytes and the kernel release: restore refuses an
     image whose vdso is not this machine's (addresses inside it would lie)."""
+    if pid == "self":
+        return _own_vdso_fingerprint()
+    return _vdso_fingerprint(pid)
+
+
+@functools.cache
+def _own_vdso_fingerprint() -> str:
+    # Asked once per restored process; ~1 ms each (maps, mem, sha256).
+    return _vdso_fingerprint("self")
+
+
+def _vdso_fingerprint(pid: int | str) -> str:
     for vma in proctask.parse_smaps(open(f"/proc/{pid}/maps").read()):
         if vma.path == "[vdso]":
             with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
