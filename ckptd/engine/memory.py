@@ -317,6 +317,12 @@ def map_vmas(batch, mm: image_pb2.Mm, open_file) -> None:
                        what=f"mlock at {v.start:#x}")
 
 
+# Records smaller than this are written at once: handing a few pages to the
+# writer thread costs more than writing them (~13 small records per process
+# of a tree took ~1.6 ms; a thread is started only for the first big one).
+ASYNC_FILL_MIN = 256 << 10
+
+
 class PageFiller:
     """Writes page records into the task, checking each lies inside its VMA.
 
@@ -346,9 +352,12 @@ class PageFiller:
             raise ImageError("page data for a shared file mapping", offset=rec.offset,
                              record=f"#{rec.index} PAGES")
         self.flush()
+        self.bytes += rec.data.nbytes
+        if rec.data.nbytes < ASYNC_FILL_MIN:
+            mem.pwrite_exact(self.memfd, rec.data, rec.vaddr, self.pid)
+            return
         self._pending = self._pool.submit(mem.pwrite_exact, self.memfd, rec.data, rec.vaddr,
                                           self.pid)
-        self.bytes += rec.data.nbytes
 
     def flush(self) -> None:
         """Wait for the write in flight; raises its error."""
