@@ -8,6 +8,7 @@ ambient caps; dropping root first would forbid the later steps.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from ckptd.kernel import procfs, sysnr
 from ckptd.v1 import image_pb2
@@ -17,15 +18,22 @@ SECBIT_KEEP_CAPS = 1 << 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def dump_creds(pid: int, inj, status: dict[str, str] | None = None) -> image_pb2.Creds:
+def dump_creds(pid: int, probe, status: dict[str, str] | None = None
+               ) -> Callable[[], image_pb2.Creds]:
+    """From /proc now; securebits from ``probe``: call the result once it has run."""
     st = status or procfs.read_status(pid)
-    return image_pb2.Creds(
+    creds = image_pb2.Creds(
         uids=[int(x) for x in st["Uid"].split()], gids=[int(x) for x in st["Gid"].split()],
         groups=[int(x) for x in st.get("Groups", "").split()],
         cap_inh=int(st["CapInh"], 16), cap_prm=int(st["CapPrm"], 16),
         cap_eff=int(st["CapEff"], 16), cap_bnd=int(st["CapBnd"], 16),
-        cap_amb=int(st.get("CapAmb", "0"), 16),
-        securebits=inj.call(sysnr.PRCTL, sysnr.PR_GET_SECUREBITS, 0, 0, 0, 0))
+        cap_amb=int(st.get("CapAmb", "0"), 16))
+    bits = probe.ask(sysnr.PRCTL, sysnr.PR_GET_SECUREBITS, 0, 0, 0, 0, what="securebits")
+
+    def answer() -> image_pb2.Creds:
+        creds.securebits = bits.result
+        return creds
+    return answer
 
 
 def restore_creds(batch, c: image_pb2.Creds, current_bnd: int) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
+from ckptd.engine.probe import OUT
 from ckptd.kernel import procfs, ptrace, sysnr
 from ckptd.kernel import task as task_mod
 from ckptd.v1 import image_pb2
@@ -14,24 +16,34 @@ from ckptd.v1 import image_pb2
 PRIO_PROCESS = 0
 
 
-def dump_task_attrs(pid: int, inj, task: image_pb2.Task) -> None:
-    st = procfs.read_status(pid)
+def dump_task_attrs(pid: int, probe, task: image_pb2.Task,
+                    status: dict[str, str] | None = None) -> Callable[[], None]:
+    """Fills ``task`` from /proc now and from ``probe`` when the result is
+    called, once the probe has run."""
+    st = status or procfs.read_status(pid)
     ns_pid = st.get("NSpid", str(pid)).split()[-1]
     task.session_leader = st.get("NSsid", "").split()[-1:] == [ns_pid]
     task.group_leader = st.get("NSpgid", "").split()[-1:] == [ns_pid]
     task.umask = int(st.get("Umask", "0022"), 8)
-    task.personality = inj.call(sysnr.PERSONALITY, 0xFFFFFFFF) & 0xFFFFFFFF
-    task.dumpable = inj.call(sysnr.PRCTL, sysnr.PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
-    inj.call(sysnr.PRCTL, sysnr.PR_GET_PDEATHSIG, inj.scratch, 0, 0, 0)
-    task.pdeathsig = struct.unpack("<i", inj.read(inj.scratch, 4))[0]
-    inj.call(sysnr.PRCTL, sysnr.PR_GET_CHILD_SUBREAPER, inj.scratch, 0, 0, 0)
-    task.child_subreaper = struct.unpack("<i", inj.read(inj.scratch, 4))[0] != 0
+    pers = probe.ask(sysnr.PERSONALITY, 0xFFFFFFFF, what="personality")
+    dumpable = probe.ask(sysnr.PRCTL, sysnr.PR_GET_DUMPABLE, 0, 0, 0, 0, what="dumpable")
+    deathsig = probe.ask(sysnr.PRCTL, sysnr.PR_GET_PDEATHSIG, OUT, 0, 0, 0, out=4,
+                         what="pdeathsig")
+    reaper = probe.ask(sysnr.PRCTL, sysnr.PR_GET_CHILD_SUBREAPER, OUT, 0, 0, 0, out=4,
+                       what="child subreaper")
+
+    def answer() -> None:
+        task.personality = pers.result & 0xFFFFFFFF
+        task.dumpable = dumpable.result == 1
+        task.pdeathsig = struct.unpack("<i", deathsig.data)[0]
+        task.child_subreaper = struct.unpack("<i", reaper.data)[0] != 0
+    return answer
 
 
-def dump_thread_attrs(tid: int, inj, th: image_pb2.Thread,
-                      status: dict[str, str] | None = None) -> None:
-    """What the kernel tells about a thread from outside where it can (each
-    injected call costs a ptrace round trip per thread), the rest injected."""
+def dump_thread_attrs(tid: int, probe, th: image_pb2.Thread,
+                      status: dict[str, str] | None = None) -> Callable[[], None]:
+    """What the kernel tells about a thread from outside where it can, the
+    rest asked of ``probe``: call the result once it has run."""
     st = status or procfs.read_status(tid)    # /proc/TID works for any thread
     th.no_new_privs = st.get("NoNewPrivs", "0") == "1"
     with open(f"/proc/{tid}/comm", encoding="utf-8", errors="replace") as f:
@@ -39,16 +51,23 @@ def dump_thread_attrs(tid: int, inj, th: image_pb2.Thread,
     th.nice = os.getpriority(os.PRIO_PROCESS, tid)
     th.sched_policy = os.sched_getscheduler(tid)
     th.sched_priority = os.sched_getparam(tid).sched_priority
+    slack = None
     try:
         with open(f"/proc/{tid}/timerslack_ns") as f:
             th.timer_slack = int(f.read())
     except (OSError, ValueError):
-        th.timer_slack = inj.call(sysnr.PRCTL, sysnr.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+        slack = probe.ask(sysnr.PRCTL, sysnr.PR_GET_TIMERSLACK, 0, 0, 0, 0, what="timer slack")
     rseq = ptrace.get_rseq(tid)
     th.rseq_ptr, th.rseq_len, th.rseq_sig = rseq.ptr, rseq.size, rseq.sig
     th.robust_list, th.robust_list_len = task_mod.robust_list(tid)
-    inj.call(sysnr.PRCTL, sysnr.PR_GET_TID_ADDRESS, inj.scratch, 0, 0, 0)
-    th.clear_tid_address = struct.unpack("<Q", inj.read(inj.scratch, 8))[0]
+    tid_address = probe.ask(sysnr.PRCTL, sysnr.PR_GET_TID_ADDRESS, OUT, 0, 0, 0, out=8,
+                            what="clear-child-tid address")
+
+    def answer() -> None:
+        if slack is not None:
+            th.timer_slack = slack.result
+        th.clear_tid_address = struct.unpack("<Q", tid_address.data)[0]
+    return answer
 
 
 def restore_session(batch, task: image_pb2.Task, pid: int) -> None:

@@ -57,6 +57,10 @@ class Batch:
     data_base: int
     calls: list[tuple[int, tuple[int | Ref, ...], int, str]] = field(default_factory=list)
     data: bytearray = field(default_factory=bytearray)
+    # Bytes the data area holds, and records the record area holds (the
+    # restore trampoline's by default; the dump side maps a smaller one).
+    data_room: int = DATA_END - DATA_AT
+    max_records: int = MAX_RECORDS
 
     def put(self, raw: bytes, align: int = 16) -> int:
         """Place ``raw`` in the trampoline's data area; its address there."""
@@ -64,7 +68,7 @@ class Batch:
         self.data += b"\0" * pad
         addr = self.data_base + len(self.data)
         self.data += raw
-        if DATA_AT + len(self.data) > DATA_END:
+        if len(self.data) > self.data_room:
             raise BugError(f"batch data of {len(self.data)} bytes overflows the trampoline")
         return addr
 
@@ -74,7 +78,7 @@ class Batch:
     def call(self, nr: int, *args: int | Ref, may_fail: bool = False, what: str = "") -> Ref:
         if len(args) > 6:
             raise BugError("a syscall takes at most 6 arguments")
-        if len(self.calls) >= MAX_RECORDS:
+        if len(self.calls) >= self.max_records:
             raise BugError("batch too long")
         flags = FLAG_MAY_FAIL if may_fail else 0
         for i, a in enumerate(args):
@@ -105,6 +109,8 @@ class Tracee:
         self.tramp = 0          # trampoline address once mapped (restore)
         self.runner = 0         # batch runner address in it
         self.runner_end = 0     # rip after the runner's final int3
+        self.records_at = RECORDS_AT   # trampoline layout: where records go,
+        self.stack_top = STACK_TOP     # and the runner's stack
 
     def thread(self, tid: int) -> Tracee:
         """Another seized thread of the same process: same memory, same
@@ -112,6 +118,7 @@ class Tracee:
         other = Tracee(tid, memfd=self.memfd)
         other.held_signals = self.held_signals
         other.tramp, other.runner, other.runner_end = self.tramp, self.runner, self.runner_end
+        other.records_at, other.stack_top = self.records_at, self.stack_top
         return other
 
     def close(self) -> None:
@@ -160,12 +167,12 @@ class Tracee:
         InjectError naming the first call that failed."""
         if not batch.calls:
             return []
-        records_addr = self.tramp + RECORDS_AT
+        records_addr = self.tramp + self.records_at
         if batch.data:
             self.write(batch.data_base, bytes(batch.data))
         self.write(records_addr, batch.pack())
         regs = base.with_(rip=self.runner, rdi=records_addr, rsi=len(batch.calls),
-                          rsp=self.tramp + STACK_TOP, orig_rax=-1, rax=0, eflags=0x246)
+                          rsp=self.tramp + self.stack_top, orig_rax=-1, rax=0, eflags=0x246)
         after = self.resume_until_trap(regs, step=False, trap_rip=self.runner_end)
         raw = self.read(records_addr, RECORD.size * len(batch.calls))
         results = [_signed(RECORD.unpack_from(raw, i * RECORD.size)[8])

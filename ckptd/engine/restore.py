@@ -631,24 +631,17 @@ class RestoreSession:
         log.debug("threads_created", pid=self.pid, threads=len(self.tids))
 
     def _unmap_trampoline(self) -> None:
-        """munmap the trampoline under PTRACE_SYSCALL: the task stops at the
-        syscall's exit and never returns into the page it just unmapped."""
+        """munmap the trampoline by single-stepping its own ``syscall``: a
+        step over a syscall traps at the syscall's exit, before the task
+        would fetch from the page it just unmapped. One round trip, where
+        PTRACE_SYSCALL's entry and exit stops took two."""
         assert self.tracee is not None and self.base is not None
         tramp = self.tracee.tramp
-        ptrace.set_regs(self.pid, self.base.with_(rip=tramp, rax=sysnr.MUNMAP, orig_rax=-1,
-                                                  rdi=tramp, rsi=TRAMPOLINE_SIZE))
-        stops = 0
-        while stops < 2:
-            ptrace.syscall(self.pid)
-            stop = ptrace.wait_stop(self.pid)
-            if stop.exited:
-                raise SystemError_(f"the task {stop.describe()} unmapping the trampoline",
-                                   pid=self.pid)
-            if stop.sig == (signal.SIGTRAP | 0x80):
-                stops += 1
-            elif stop.event == 0 and stop.sig:
-                self.tracee.held_signals.append(stop.sig)
-        result = ptrace.get_regs(self.pid).syscall_result
+        try:
+            result = self.tracee.syscall(tramp, sysnr.MUNMAP, tramp, TRAMPOLINE_SIZE,
+                                         base=self.base)
+        except OSError as e:
+            raise SystemError_(f"unmapping the trampoline: {e}", pid=self.pid) from e
         if result != 0:
             raise SystemError_(f"munmap of the trampoline failed: {result}", pid=self.pid)
 

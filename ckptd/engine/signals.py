@@ -9,7 +9,9 @@ inside (sending to oneself allows any si_code), and sets the real mask last.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
+from ckptd.engine.probe import OUT, Answer
 from ckptd.errors import ImageError
 from ckptd.kernel import ptrace, sysnr
 from ckptd.v1 import image_pb2
@@ -21,20 +23,26 @@ SS_DISABLE = 2
 SS_AUTODISARM = 1 << 31
 
 
-def dump_sigactions(inj) -> list[image_pb2.SigAction]:
-    out = []
-    for sig in range(1, NSIG + 1):
-        if sig in UNCATCHABLE:
-            continue
-        inj.call(sysnr.RT_SIGACTION, sig, 0, inj.scratch, 8)
-        h, fl, rest, mask = _SIGACTION.unpack(inj.read(inj.scratch, _SIGACTION.size))
-        out.append(image_pb2.SigAction(sig=sig, handler=h, flags=fl, restorer=rest, mask=mask))
-    return out
+def dump_sigactions(probe) -> Callable[[], list[image_pb2.SigAction]]:
+    """Asks ``probe`` for every handler (all 64: flags and masks of default
+    and ignored ones count too); call the result once the probe has run."""
+    asked = [(sig, probe.ask(sysnr.RT_SIGACTION, sig, 0, OUT, 8, out=_SIGACTION.size,
+                             what=f"rt_sigaction({sig})"))
+             for sig in range(1, NSIG + 1) if sig not in UNCATCHABLE]
+
+    def answer() -> list[image_pb2.SigAction]:
+        out = []
+        for sig, a in asked:
+            h, fl, rest, mask = _SIGACTION.unpack(a.data)
+            out.append(image_pb2.SigAction(sig=sig, handler=h, flags=fl, restorer=rest,
+                                           mask=mask))
+        return out
+    return answer
 
 
-def dump_altstack(inj) -> bytes:
-    inj.call(sysnr.SIGALTSTACK, 0, inj.scratch)
-    return inj.read(inj.scratch, 24)
+def dump_altstack(probe) -> Answer:
+    """The raw stack_t, in the answer's data once the probe has run."""
+    return probe.ask(sysnr.SIGALTSTACK, 0, OUT, out=24, what="sigaltstack")
 
 
 def dump_pending(pid: int, shared: bool) -> list[image_pb2.PendingSignal]:

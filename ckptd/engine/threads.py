@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 from ckptd.engine import creds, identity, seccomp, signals
 from ckptd.errors import ImageError
@@ -31,20 +32,28 @@ _CLONE_ARGS = struct.Struct("<11Q")   # struct clone_args, up to and including c
 CLONE_PARENT = 0x8000
 
 
-def dump_thread(tid: int, inj, regs: ptrace.Regs) -> image_pb2.Thread:
-    """One thread, seized and stopped; ``inj`` injects through this thread."""
-    status = procfs.read_status(tid)
+def dump_thread(tid: int, probe, regs: ptrace.Regs,
+                status: dict[str, str] | None = None) -> Callable[[], image_pb2.Thread]:
+    """One thread, seized and stopped: what shows from outside now, what only
+    it can tell asked of ``probe`` (its own); call the result once that has run."""
+    status = status or procfs.read_status(tid)
     filters, filter_flags = seccomp.dump_seccomp(tid)
     th = image_pb2.Thread(tid=int(status.get("NSpid", str(tid)).split()[-1]),
                           regs=regs.pack(), xstate=ptrace.get_xstate(tid),
                           sigmask=ptrace.get_sigmask(tid),
                           pending=signals.dump_pending(tid, shared=False),
-                          sigaltstack=signals.dump_altstack(inj),
                           seccomp_filters=filters, seccomp_flags=filter_flags,
-                          creds=creds.dump_creds(tid, inj, status),
                           cpu_affinity=sum(1 << c for c in os.sched_getaffinity(tid) if c < 64))
-    identity.dump_thread_attrs(tid, inj, th, status)
-    return th
+    altstack = signals.dump_altstack(probe)
+    cred = creds.dump_creds(tid, probe, status)
+    attrs = identity.dump_thread_attrs(tid, probe, th, status)
+
+    def answer() -> image_pb2.Thread:
+        th.sigaltstack = altstack.data
+        th.creds.CopyFrom(cred())
+        attrs()
+        return th
+    return answer
 
 
 def check_threads(task: image_pb2.Task) -> None:

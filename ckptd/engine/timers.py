@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
+from ckptd.engine.probe import OUT
 from ckptd.errors import UnsupportedError
 from ckptd.kernel import proctask, sysnr
 from ckptd.v1 import image_pb2
@@ -18,27 +20,26 @@ ITIMER_REAL = 0
 CPU_TICK_US = 4000
 
 
-def dump_itimers(inj) -> list[image_pb2.ITimer]:
-    out = []
-    for which in range(3):
-        inj.call(sysnr.GETITIMER, which, inj.scratch)
-        raw = inj.read(inj.scratch, 32)
-        if any(raw[16:]):
-            out.append(image_pb2.ITimer(which=which, value=raw))
-    return out
+def dump_itimers(probe) -> Callable[[], list[image_pb2.ITimer]]:
+    """Asks ``probe``; call the result once it has run."""
+    asked = [(which, probe.ask(sysnr.GETITIMER, which, OUT, out=32, what=f"getitimer({which})"))
+             for which in range(3)]
+    return lambda: [image_pb2.ITimer(which=which, value=a.data) for which, a in asked
+                    if any(a.data[16:])]
 
 
-def dump_posix_timers(inj, pid: int) -> list[image_pb2.PosixTimer]:
-    out = []
+def dump_posix_timers(probe, pid: int) -> Callable[[], list[image_pb2.PosixTimer]]:
+    """Timers from /proc now, their time left from ``probe`` once it has run."""
+    asked = []
     for t in proctask.read_timers(pid):
         if t.notify not in SIGEV:
             raise UnsupportedError(f"pid {pid} has POSIX timer {t.id} with notify "
                                    f"{t.notify!r}", pid=pid, kind="posix timer")
-        inj.call(sysnr.TIMER_GETTIME, t.id, inj.scratch)
-        out.append(image_pb2.PosixTimer(id=t.id, clock_id=t.clock_id, signo=t.signo,
-                                        notify=SIGEV[t.notify], notify_tid=t.notify_pid,
-                                        sigval=t.sigval, spec=inj.read(inj.scratch, 32)))
-    return out
+        asked.append((t, probe.ask(sysnr.TIMER_GETTIME, t.id, OUT, out=32,
+                                   what=f"timer_gettime({t.id})")))
+    return lambda: [image_pb2.PosixTimer(id=t.id, clock_id=t.clock_id, signo=t.signo,
+                                         notify=SIGEV[t.notify], notify_tid=t.notify_pid,
+                                         sigval=t.sigval, spec=a.data) for t, a in asked]
 
 
 def restore_itimers(batch, task: image_pb2.Task) -> None:

@@ -38,6 +38,7 @@ SABOTAGE_SAYS = {
     "clone_flags": "not in the shared table",
     "vfork": "is not running sleep",
     "sharing": "child: shared.dat offset after the parent's write",
+    "fanout": "lost (now",
 }
 
 

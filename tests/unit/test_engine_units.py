@@ -166,31 +166,39 @@ def test_page_data_outside_its_vma_is_an_image_error() -> None:
 
 
 def test_page_filler_writes_behind_and_reports_a_failed_write(tmp_path) -> None:
+    """Big records are written behind (a failure shows at the next flush),
+    small ones at once (a failure shows at once)."""
     from ckptd.image.reader import PageRecord
+    big = memory.ASYNC_FILL_MIN
 
-    def rec(vaddr: int, fill: int) -> PageRecord:
-        return PageRecord(index=1, type=3, offset=0, length=0x1010, flags=0, vaddr=vaddr,
-                          vma_id=1, data=memoryview(bytes([fill]) * 0x1000))
-    mm = _mm((0x10000, 0x20000))
+    def rec(vaddr: int, fill: int, size: int = 0x1000) -> PageRecord:
+        return PageRecord(index=1, type=3, offset=0, length=size + 0x10, flags=0, vaddr=vaddr,
+                          vma_id=1, data=memoryview(bytes([fill]) * size))
+    mm = _mm((0x100000, 0x100000 + 2 * big))
+    end = 0x100000 + 2 * big
     target = tmp_path / "mem"    # a file stands in for /proc/PID/mem: offset = address
-    target.write_bytes(bytes(0x20000))
+    target.write_bytes(bytes(end))
     fd = os.open(target, os.O_RDWR)
     filler = memory.PageFiller(fd, 0, mm)
     try:
-        filler.fill(rec(0x10000, 1))
-        filler.fill(rec(0x1f000, 2))
+        filler.fill(rec(0x100000, 1))
+        filler.fill(rec(0x100000 + big, 4, big))
+        filler.fill(rec(end - 0x1000, 2))
         filler.flush()
     finally:
         filler.close()
         os.close(fd)
     data = target.read_bytes()
-    assert data[0x10000:0x11000] == b"\x01" * 0x1000 and data[0x1f000:] == b"\x02" * 0x1000
+    assert data[0x100000:0x101000] == b"\x01" * 0x1000 and data[end - 0x1000:] == b"\x02" * 0x1000
+    assert data[0x100000 + big:end - 0x1000] == b"\x04" * (big - 0x1000)
     fd = os.open(target, os.O_RDONLY)
     filler = memory.PageFiller(fd, 0, mm)
     try:
-        filler.fill(rec(0x10000, 3))
+        filler.fill(rec(0x100000, 3, big))
         with pytest.raises(OSError):
             filler.flush()
+        with pytest.raises(OSError):
+            filler.fill(rec(0x100000, 3))
     finally:
         filler.close()
         os.close(fd)

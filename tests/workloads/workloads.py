@@ -77,6 +77,7 @@ WORKLOADS: dict[str, Spec] = {
     "threads": Spec("threads.c", ("-pthread",)),
     "pythreads": Spec("pythreads.py"),
     "tree": Spec("tree.c"),
+    "fanout": Spec("fanout.c"),
     "zombie": Spec("zombie.c"),
     "clone_flags": Spec("clone_flags.c"),
     "vfork": Spec("vfork.c"),
