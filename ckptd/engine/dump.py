@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from ckptd.engine import (files, identity, leaks, memory, probe, rlimits, shared,
-                          sharing_tables, signals, threads, timers, tree)
+                          sharing_tables, signals, sigtrap, threads, timers, tree)
 from ckptd.engine.inject import Tracee
 from ckptd.errors import CkptdError, NotFoundError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageWriter, new_header
@@ -96,6 +96,7 @@ class DumpSession:
         self.own_affinity = os.sched_getaffinity(0)
         self.collected: list[dict[str, Any]] = []
         self.zombie_tasks: list[image_pb2.Task] = []
+        self.trap_guard = sigtrap.TrapGuard()
         self.origin: image_pb2.Origin | None = None
         self.linked = shared.Linked([], 0, 0)
         self.cow_shared_bytes = 0
@@ -135,6 +136,8 @@ class DumpSession:
             raise
         for p in self.procs:
             p.tracee = Tracee(p.pid)
+        # Before our first trap: it would reset a blocked or ignored SIGTRAP.
+        self.trap_guard.arm([(p.tracee, p.tids) for p in self.procs if p.tracee])
 
     def _seize_tree(self, frontier: list[int], waiting: list[tuple[_Proc, list[int]]],
                     deferred: list[tuple[_Proc, list[int]]]) -> None:
@@ -358,6 +361,7 @@ class DumpSession:
         task.itimers.extend(itimers())
         task.posix_timers.extend(posix_timers())
         attrs()
+        self.trap_guard.fix(pid, task, p.tids)
         for t in task.posix_timers:
             t.notify_tid = ns_tids.get(t.notify_tid, t.notify_tid)
         return dict(pid=pid, task=task, mm=mm, files=fds, file_data=file_data, spans=spans)
@@ -454,6 +458,9 @@ class DumpSession:
             if fz is not None and self.frozen_at:
                 _quiet(lambda: fz.thaw(cg, FREEZE_TIMEOUT))
             return
+        # Still thawed: it runs the tasks up to syscall stops (a frozen
+        # task would never reach them).
+        self.trap_guard.restore_all()
         if fz is not None:
             _quiet(lambda: fz.freeze(cg, FREEZE_TIMEOUT))
         for p in reversed(self.procs):

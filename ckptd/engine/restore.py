@@ -28,7 +28,7 @@ import structlog
 
 from ckptd import native
 from ckptd.engine import (files, identity, memory, regs, rlimits, shared, sharing_tables,
-                          signals, threads, timers, tree)
+                          signals, sigtrap, threads, timers, tree)
 from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
@@ -587,6 +587,8 @@ class RestoreSession:
                 os.sched_setaffinity(tid, cpus)
             except OSError:
                 os.sched_setaffinity(tid, self.own_affinity)
+        sigtrap.restore_ignored(self.tracee, task, ptrace.PTRACE_O_EXITKILL
+                                | ptrace.PTRACE_O_TRACESYSGOOD)
         return Restored(pid=self.pid, ns_pid=_ns_pid(self.pid),
                         restore_ms=(time.monotonic() - self.started) * 1000)
 

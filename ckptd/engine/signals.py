@@ -8,6 +8,7 @@ inside (sending to oneself allows any si_code), and sets the real mask last.
 
 from __future__ import annotations
 
+import signal
 import struct
 from collections.abc import Callable
 
@@ -60,7 +61,11 @@ def check_signals(task: image_pb2.Task) -> None:
 
 
 def restore_sigactions(batch, task: image_pb2.Task) -> None:
+    """Every action but an ignored SIGTRAP: our next trap would reset it
+    (sigtrap.py sets it once the traps are over)."""
     for a in task.sigactions:
+        if a.sig == signal.SIGTRAP and a.handler == 1:    # SIG_IGN
+            continue
         ptr = batch.put(_SIGACTION.pack(a.handler, a.flags, a.restorer, a.mask))
         batch.call(sysnr.RT_SIGACTION, a.sig, ptr, 0, 8, what=f"rt_sigaction({a.sig})")
 

@@ -10,8 +10,8 @@
  *       SIGUSR2  SA_SIGINFO|SA_RESTART, mask {TTOU}
  *       SIGWINCH SA_ONSTACK|SA_RESTART
  *       SIGURG   SA_NODEFER|SA_RESETHAND
- *       SIGPIPE, SIGHUP: SIG_IGN
- *   - the blocked mask {INT, QUIT, TTIN, RTMIN+3, RTMIN+4}, and SigBlk/SigPnd/ShdPnd
+ *       SIGPIPE, SIGHUP, SIGTRAP: SIG_IGN
+ *   - the blocked mask {INT, QUIT, TTIN, TRAP, RTMIN+3, RTMIN+4}, and SigBlk/SigPnd/ShdPnd
  *     in /proc/self/status
  *   - pending, consumed with sigtimedwait and checked field by field:
  *       private SIGINT (tgkill: SI_TKILL, or SI_USER on newer kernels),
@@ -23,6 +23,8 @@
  *     (and the signal itself blocked) inside the USR1 handler; USR2 gets its
  *     siginfo; WINCH runs on the alternate stack; URG is not blocked inside its
  *     handler (NODEFER) and is reset to SIG_DFL after it (RESETHAND).
+ * SIGTRAP ignored and blocked: the checkpointer's own traps are forced SIGTRAPs,
+ * which the kernel answers by resetting such a SIGTRAP for good.
  */
 #include "wl.h"
 
@@ -155,6 +157,7 @@ int main(int argc, char **argv)
 	set_handler(SIGURG, on_urg, SA_NODEFER | SA_RESETHAND, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);
+	signal(SIGTRAP, SIG_IGN);
 
 	g_altstack.ss_sp = mmap(NULL, ALTSTACK_SIZE, PROT_READ | PROT_WRITE,
 				MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -166,7 +169,7 @@ int main(int argc, char **argv)
 
 	sigset_t blocked;
 	sigemptyset(&blocked);
-	const int block[] = { SIGINT, SIGQUIT, SIGTTIN, rt3, rt4 };
+	const int block[] = { SIGINT, SIGQUIT, SIGTTIN, SIGTRAP, rt3, rt4 };
 	for (size_t i = 0; i < sizeof(block) / sizeof(block[0]); i++)
 		sigaddset(&blocked, block[i]);
 	SETUP(sigprocmask(SIG_SETMASK, &blocked, NULL));
@@ -213,8 +216,8 @@ int main(int argc, char **argv)
 				now.handler, now.flags, now.restorer, (unsigned long)now.mask);
 	}
 	CHECK(g_table[SIGUSR1].handler == (void *)on_usr1, "SIGUSR1 handler is not on_usr1");
-	CHECK(g_table[SIGPIPE].handler == SIG_IGN && g_table[SIGHUP].handler == SIG_IGN,
-	      "SIGPIPE/SIGHUP not ignored");
+	CHECK(g_table[SIGPIPE].handler == SIG_IGN && g_table[SIGHUP].handler == SIG_IGN &&
+	      g_table[SIGTRAP].handler == SIG_IGN, "SIGPIPE/SIGHUP/SIGTRAP not ignored");
 
 	/* Mask and pending sets */
 	sigset_t now_blocked;
