@@ -388,6 +388,9 @@ class DumpSession:
     # -- writing --
     def write(self, sink, progress: Progress | None = None) -> Dumped:
         started = time.monotonic()
+        # No ptrace round trips from here on: run on every CPU we may, so
+        # that the checksum thread does not share one core with the copy.
+        os.sched_setaffinity(0, self.own_affinity)
         page_total = (sum(memory.page_bytes(c["spans"]) for c in self.collected)
                       + self.linked.bytes)
         writer = ImageWriter(sink)
