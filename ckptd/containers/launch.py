@@ -63,7 +63,8 @@ class ShimPool:
 
     def __init__(self, module: str = SHIM_MODULE, count: int = SPARE_SHIMS) -> None:
         self._spares: Spares[subprocess.Popen[bytes]] = Spares(
-            "shim", count, lambda: spawn_shim(module), lambda p: p.poll() is None, _discard)
+            "shim", count, lambda: spawn_shim(module), lambda p: p.poll() is None, _discard,
+            pid=lambda p: p.pid)
 
     def take(self) -> subprocess.Popen[bytes]:
         return self._spares.take()

@@ -5,10 +5,16 @@ the work it then does (~200 ms for an engine worker, ~65 ms for a shim, while
 a checkpoint of a small process takes ~15 ms). ``Spares`` keeps a few started
 and waiting for their first instruction, and tops them up in the background
 when one is taken.
+
+A spare starts under SCHED_IDLE: on two cores its start-up would otherwise
+take CPU from the operations that run meanwhile (it costs far more CPU than
+they do). It runs under SCHED_OTHER again from the moment it is taken,
+before it is told anything.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -24,8 +30,10 @@ T = TypeVar("T")
 
 class Spares(Generic[T]):
     def __init__(self, name: str, count: int, make: Callable[[], T],
-                 alive: Callable[[T], bool], discard: Callable[[T], None]) -> None:
+                 alive: Callable[[T], bool], discard: Callable[[T], None],
+                 pid: Callable[[T], int] | None = None) -> None:
         self._name = name
+        self._pid = pid
         self._count = count
         self._make = make
         self._alive = alive
@@ -49,6 +57,8 @@ class Spares(Generic[T]):
                     dead.append(item)
         for item in dead:
             self._discard(item)
+        if found is not None and self._pid is not None:
+            _set_policy(self._pid(found), os.SCHED_OTHER)
         self._top_up_later()
         return found if found is not None else self._make()
 
@@ -81,6 +91,8 @@ class Spares(Generic[T]):
                         return
                 try:
                     item = self._make()
+                    if self._pid is not None:
+                        _set_policy(self._pid(item), os.SCHED_IDLE)
                 except errors.CkptdError as e:
                     # The next take() makes one itself and reports the error.
                     log.warning("spare_start_failed", kind=self._name, error=str(e))
@@ -95,3 +107,17 @@ class Spares(Generic[T]):
         finally:
             with self._lock:
                 self._filling = None
+
+
+def _set_policy(pid: int, policy: int) -> None:
+    """Every thread of ``pid`` (the policy is per thread); a process gone
+    meanwhile is the caller's to notice."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError as e:
+            log.debug("spare_policy_not_set", pid=pid, tid=tid, error=str(e))

@@ -250,7 +250,7 @@ class WorkerPool:
 
     def __init__(self, count: int = SPARE_WORKERS) -> None:
         self._spares: Spares[Worker] = Spares("worker", count, Worker, Worker.alive,
-                                              Worker.close)
+                                              Worker.close, pid=lambda w: w.proc.pid)
 
     def take(self, *, image_in: bool, pipe: bool = True) -> Worker:
         return self._spares.take().use(image_in=image_in, pipe=pipe)
