@@ -2,7 +2,8 @@
 their flags and offsets, a few character devices by path, deleted-but-open
 files (contents in a FILE_DATA record), cwd and root. An open file
 description that several processes of the tree hold (fork after open) is
-opened once, by its owner, and taken by the others (shared.py).
+opened once, by its owner, and taken by the others (shared.py). File locks
+held through the fds come back too (locks.py).
 
 Anything else (sockets, pipes, ttys, eventfd, epoll ...) is refused up front
 with an UnsupportedError naming pid, fd and kind.
@@ -15,7 +16,7 @@ import stat as stat_mod
 import uuid
 
 from ckptd.errors import ImageError, StateError, UnsupportedError
-from ckptd.engine import shared
+from ckptd.engine import locks, shared
 from ckptd.engine.memory import file_stat
 from ckptd.kernel import proctask, sysnr
 from ckptd.kernel import task as task_mod
@@ -61,6 +62,8 @@ def dump_files(pid: int) -> tuple[image_pb2.Files, list[image_pb2.FileData]]:
             files.fds.append(msg)
             continue
         candidates.append(fd)
+        # A dup shows the same locks: they are the first fd's to take back.
+        msg.locks.extend(locks.parse(info.locks, pid, fd))
         if stat_mod.S_ISREG(st.st_mode):
             msg.kind = "file"
             msg.deleted = st.st_nlink == 0
@@ -101,6 +104,7 @@ def check_files(files: image_pb2.Files, data: dict[int, bytes]) -> None:
             raise ImageError(f"bad or repeated fd number {f.fd}", record="FILES")
         if f.kind not in ("file", "dir", "dev") or not f.path.startswith("/"):
             raise ImageError(f"fd {f.fd} of unknown kind {f.kind!r} or path", record="FILES")
+        locks.check(f)
         if f.is_dup and (f.dup_of not in seen or f.dup_of >= f.fd):
             raise ImageError(f"fd {f.fd} duplicates fd {f.dup_of}, not an earlier fd",
                              record="FILES")
@@ -218,6 +222,7 @@ def restore_files(batch, files: image_pb2.Files, table: FdTable, temp: dict[int,
             table.close(batch, got)
         if f.kind == "file" and f.pos:
             batch.call(sysnr.LSEEK, f.fd, f.pos, os.SEEK_SET, what=f"lseek fd {f.fd}")
+        locks.restore(batch, f)
 
 
 def restore_fs(batch, files: image_pb2.Files) -> None:

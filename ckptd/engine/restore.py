@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 
 from ckptd import native
-from ckptd.engine import (files, identity, memory, regs, rlimits, shared, sharing_tables,
-                          signals, sigtrap, threads, timers, tree)
+from ckptd.engine import (files, identity, locks, memory, regs, rlimits, shared,
+                          sharing_tables, signals, sigtrap, threads, timers, tree)
 from ckptd.engine.inject import DATA_AT, DATA_END, STACK_TOP, TRAMPOLINE_SIZE, Batch, Tracee
 from ckptd.errors import BugError, ImageError, StateError, SystemError_, UnsupportedError
 from ckptd.image import ImageReader, MessageRecord, PageRecord
@@ -563,6 +563,7 @@ class RestoreSession:
             table.close(b, exe_fd)
         if self.fs_last:     # shared: once, by the last sharer (sharing_tables.py)
             files.restore_fs(b, meta.files)
+        locks.restore_posix(b, meta.files)     # no fd of the task is closed after this
         signals.restore_sigactions(b, task)
         timers.restore_itimers(b, task)
         timers.restore_posix_timers(b, task, inside)

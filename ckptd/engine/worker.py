@@ -12,6 +12,7 @@ after resuming (checkpoint) or killing what was built (restore).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ import structlog
 
 from ckptd import errors, logs
 from ckptd.engine import api
+from ckptd.engine.inject import InjectError
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +77,16 @@ class Control:
         return self.fds.pop()
 
 
+# An injected call that failed because of what others hold (a file lock, a
+# busy resource) is a state the user can change, not a fault of ours.
+_BUSY = (errno.EAGAIN, errno.EBUSY)
+
+
 def error_report(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, InjectError):
+        return {"kind": "state" if e.errno in _BUSY else "system",
+                "message": e.strerror or str(e),
+                "context": {"pid": e.filename} if isinstance(e.filename, int) else {}}
     if isinstance(e, errors.ImageError):
         kind = "image"
     elif isinstance(e, errors.UsageError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PROC = "/proc"
 RLIM_INFINITY = (1 << 64) - 1
@@ -56,17 +56,21 @@ class FdInfo:
     mnt_id: int
     ino: int
     extra: dict[str, str]
+    locks: list[str] = field(default_factory=list)   # the "lock:" lines' values
 
 
 def parse_fdinfo(text: str) -> FdInfo:
     fields: dict[str, str] = {}
+    locks: list[str] = []
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key.strip()] = value.strip()
+            if key == "lock":
+                locks.append(value.strip())
     return FdInfo(pos=int(fields.get("pos", "0")), flags=int(fields.get("flags", "0"), 8),
                   mnt_id=int(fields.get("mnt_id", "0")), ino=int(fields.get("ino", "0")),
-                  extra=fields)
+                  extra=fields, locks=locks)
 
 
 # /proc/PID/limits row names, in RLIMIT_* order.

@@ -246,3 +246,29 @@ def test_workload_after_leave_running(daemon: Daemon, tmp_short: Path) -> None:
                           20, "the verdict")
         assert result.strip() == "PASS", result
         c.delete(ctr.id, force=True)
+
+
+def test_a_lock_held_elsewhere_fails_the_restart_cleanly(daemon: Daemon, tmp_short: Path) -> None:
+    """The original keeps running (--leave-running) and holds its locks: a
+    restart of its image cannot take them back, fails naming the lock, and
+    leaves no container behind; the original's locks are untouched."""
+    from workloads.workloads import build
+    from ckptd_client.errors import FailedPrecondition
+    wdir = tmp_short / "files"
+    wdir.mkdir()
+    with daemon.client() as c:
+        ctr = c.run([str(build("files")), str(wdir)], cwd=str(wdir))
+        try:
+            wait_for(lambda: (wdir / "ready").exists(), 20, "ready")
+            image = b"".join(c.checkpoint(ctr.id, leave_running=True))
+            before = {x.id for x in c.list()}
+            with pytest.raises(FailedPrecondition) as e:
+                c.restart(iter([image]))
+            assert "flock lock on" in str(e.value) and "append.log" in str(e.value), e.value
+            assert {x.id for x in c.list()} == before
+            (wdir / "go").touch()
+            result = wait_for(lambda: (wdir / "result").exists()
+                              and (wdir / "result").read_text(), 20, "the verdict")
+            assert result.strip() == "PASS", result
+        finally:
+            c.delete(ctr.id, force=True)

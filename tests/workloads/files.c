@@ -17,10 +17,17 @@
  *                                               link ends in " (deleted)"
  *   20  /dev/null  21 /dev/zero  22 /dev/random  23 /dev/urandom  (by st_rdev; they work)
  * plus the cwd (a directory inside DIR, relative opens work) and umask 027.
+ * File locks, the same in /proc/self/fdinfo and really held (a child's fresh
+ * opens of the files run into them):
+ *   10  flock LOCK_SH          11  flock LOCK_EX
+ *   42  POSIX write lock on bytes 100-149     44  POSIX read lock from 5000 to EOF
+ *   200 OFD read lock on the whole file
  */
 #include "wl.h"
 
+#include <sys/file.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 
 enum { FD_RO = 10, FD_APPEND = 11, FD_RW = 42, FD_RW_DUP = 43, FD_RW_OTHER = 44,
        FD_CLOEXEC_ = 200, FD_NONBLOCK = 201, FD_DIR = 300, FD_DELETED = 13,
@@ -142,6 +149,88 @@ static void check_same(const struct fdspec *s)
 	CHECK(strcmp(link, s->link) == 0, "fd %d: link was '%s', now '%s'", s->fd, s->link, link);
 }
 
+static const int locked_fds[] = { FD_RO, FD_APPEND, FD_RW, FD_RW_OTHER, FD_CLOEXEC_ };
+#define NLOCKED (sizeof(locked_fds) / sizeof(locked_fds[0]))
+static char lock_lines[NLOCKED][512];
+
+/* The "lock:" lines of an fd's fdinfo, without their running numbers. */
+static void fd_locks(int fd, char *out, size_t size)
+{
+	char path[64], text[4096];
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+	out[0] = '\0';
+	int in = open(path, O_RDONLY);
+	ssize_t n = in < 0 ? -1 : read(in, text, sizeof(text) - 1);
+	if (in >= 0)
+		close(in);
+	text[n < 0 ? 0 : n] = '\0';
+	for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+		if (strncmp(line, "lock:", 5) != 0)
+			continue;
+		char *rest = strchr(line, ':');
+		rest = rest ? strchr(rest + 1, ':') : NULL;     /* after "lock:\tN:" */
+		if (rest && strlen(out) + strlen(rest) + 2 < size) {
+			strcat(out, rest + 1);
+			strcat(out, ";");
+		}
+	}
+}
+
+static void set_lock(int fd, int cmd, short type, off_t start, off_t len)
+{
+	struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len };
+	if (fcntl(fd, cmd, &fl) < 0)
+		wl_die("lock fd %d", fd);
+}
+
+/* From a child with descriptions of its own: the locks are really held. */
+static void check_locks_held(void)
+{
+	pid_t me = getpid();
+	pid_t child = fork();
+	if (child < 0) {
+		wl_fail("fork: %s", strerror(errno));
+		return;
+	}
+	if (child == 0) {
+		char p[PATH_MAX + 64];
+		int bad = 0;
+		snprintf(p, sizeof(p), "%s/ro.txt", wl_dir);
+		int ro = open(p, O_RDONLY);
+		if (ro < 0 || flock(ro, LOCK_EX | LOCK_NB) == 0 || errno != EWOULDBLOCK)
+			bad |= 1;
+		snprintf(p, sizeof(p), "%s/append.log", wl_dir);
+		int ap = open(p, O_RDONLY);
+		if (ap < 0 || flock(ap, LOCK_SH | LOCK_NB) == 0 || errno != EWOULDBLOCK)
+			bad |= 2;
+		snprintf(p, sizeof(p), "%s/rw.dat", wl_dir);
+		int rw = open(p, O_RDWR);
+		struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 120, .l_len = 1 };
+		if (rw < 0 || fcntl(rw, F_GETLK, &fl) < 0 || fl.l_type != F_WRLCK || fl.l_pid != me)
+			bad |= 4;
+		struct flock fw = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 9000, .l_len = 1 };
+		if (rw < 0 || fcntl(rw, F_GETLK, &fw) < 0 || fw.l_type != F_RDLCK || fw.l_pid != me)
+			bad |= 8;
+		snprintf(p, sizeof(p), "%s/cloexec.txt", wl_dir);
+		int ce = open(p, O_RDWR);
+		struct flock fo = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+		if (ce < 0 || fcntl(ce, F_OFD_GETLK, &fo) < 0 || fo.l_type != F_RDLCK)
+			bad |= 16;
+		_exit(bad);
+	}
+	int status = 0;
+	if (waitpid(child, &status, 0) != child || !WIFEXITED(status)) {
+		wl_fail("lock checker did not exit (status %#x)", status);
+		return;
+	}
+	int bad = WEXITSTATUS(status);
+	CHECK(!(bad & 1), "flock LOCK_SH on fd %d is not held", FD_RO);
+	CHECK(!(bad & 2), "flock LOCK_EX on fd %d is not held", FD_APPEND);
+	CHECK(!(bad & 4), "POSIX write lock on rw.dat 100-149 is not held");
+	CHECK(!(bad & 8), "POSIX read lock on rw.dat from 5000 is not held");
+	CHECK(!(bad & 16), "OFD read lock on cloexec.txt is not held");
+}
+
 static void check_device(int fd, unsigned maj, unsigned min, const char *name)
 {
 	struct stat st;
@@ -186,6 +275,14 @@ int main(int argc, char **argv)
 	close(marker);
 	umask(027);
 
+	SETUP(flock(FD_RO, LOCK_SH));
+	SETUP(flock(FD_APPEND, LOCK_EX));
+	set_lock(FD_RW, F_SETLK, F_WRLCK, 100, 50);
+	set_lock(FD_RW_OTHER, F_SETLK, F_RDLCK, 5000, 0);
+	set_lock(FD_CLOEXEC_, F_OFD_SETLK, F_RDLCK, 0, 0);
+	for (size_t i = 0; i < NLOCKED; i++)
+		fd_locks(locked_fds[i], lock_lines[i], sizeof(lock_lines[i]));
+
 	for (size_t i = 0; i < NFDS; i++)
 		record(&fds[i]);
 	wl_ready("cwd=%s\nfds=10,11,13,20,21,22,23,42,43,44,200,201,300\n", cwd);
@@ -196,6 +293,14 @@ int main(int argc, char **argv)
 
 	for (size_t i = 0; i < NFDS; i++)
 		check_same(&fds[i]);
+
+	for (size_t i = 0; i < NLOCKED; i++) {
+		char now[512];
+		fd_locks(locked_fds[i], now, sizeof(now));
+		CHECK(lock_lines[i][0] && strcmp(now, lock_lines[i]) == 0,
+		      "fd %d locks were '%s', now '%s'", locked_fds[i], lock_lines[i], now);
+	}
+	check_locks_held();
 
 	/* The flags asked for are really there (not only "the same as before"). */
 	CHECK((fcntl(FD_APPEND, F_GETFL) & (O_ACCMODE | O_APPEND)) == (O_WRONLY | O_APPEND),
