@@ -6,6 +6,7 @@ Used by the fixtures in tests/integration/conftest.py.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -105,6 +106,18 @@ class Daemon:
             return self.log_path.read_text(errors="replace")[-20000:]
         except OSError:
             return "(no daemon log)"
+
+    def events(self, name: str) -> list[dict]:
+        """The daemon's JSON log events called ``name``, oldest first."""
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                found.append(event)
+        return found
 
     def cgroup_dirs(self) -> list[Path]:
         return [m / self.cgroup_root for m in CGROUP_MOUNTS if (m / self.cgroup_root).exists()]

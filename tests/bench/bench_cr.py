@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import shutil
 import statistics
@@ -81,18 +80,6 @@ def plain_copy(pid: int, directory: Path) -> tuple[float, int]:
     return elapsed, total
 
 
-def figures_from_log(d: Daemon, event: str) -> dict:
-    found = {}
-    for line in d.log_path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == event:
-            found = e
-    return found
-
-
 def one_round(d: Daemon, argv: list[str], ready, directory: Path, label: str,
               local_files: bool) -> dict:
     with d.client(local_files=local_files) as c:
@@ -103,7 +90,7 @@ def one_round(d: Daemon, argv: list[str], ready, directory: Path, label: str,
         began = time.perf_counter()
         c.checkpoint_to_file(image, ref=ctr.id)
         dump_s = time.perf_counter() - began
-        dumped = figures_from_log(d, "checkpoint_done")
+        dumped = (d.events("checkpoint_done") or [{}])[-1]
         size = image.stat().st_size
         began = time.perf_counter()
         new = c.restart_from_file(image)

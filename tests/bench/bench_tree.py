@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -46,18 +45,6 @@ IMAGE_DIR = Path("/dev/shm")
 READY_TIMEOUT = 60.0
 RESULT_TIMEOUT = 60.0
 THREADS = 16     # what threads.c makes
-
-
-def log_event(d: Daemon, event: str) -> dict:
-    found: dict = {}
-    for line in d.log_path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == event:
-            found = e
-    return found
 
 
 def case_argv(case: str, ctrdir: Path) -> tuple[list[str], int]:
@@ -87,7 +74,7 @@ def daemon_round(d: Daemon, case: str, ctrdir: Path) -> dict:
             began = time.perf_counter()
             c.checkpoint_to_file(image, ref=ctr.id)
             dump_s = time.perf_counter() - began
-            dumped = log_event(d, "checkpoint_done")
+            dumped = (d.events("checkpoint_done") or [{}])[-1]
             began = time.perf_counter()
             new = c.restart_from_file(image)
             restore_s = time.perf_counter() - began

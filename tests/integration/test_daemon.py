@@ -52,18 +52,6 @@ def ns_inode(pid: int | str, kind: str) -> str:
     return os.readlink(f"/proc/{pid}/ns/{kind}")
 
 
-def rpc_events(d: Daemon) -> list[dict]:
-    events = []
-    for line in d.log_path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "rpc":
-            events.append(event)
-    return events
-
-
 def test_container_lifecycle_through_the_library(daemon: Daemon, tmp_short: Path) -> None:
     counter = tmp_short / "counter"
     with daemon.client() as c:
@@ -112,9 +100,9 @@ def test_container_lifecycle_through_the_library(daemon: Daemon, tmp_short: Path
         c.delete(ctr.id)
         assert c.list() == []
         assert not cg.exists()
-    assert {e["method"] for e in rpc_events(daemon)} >= {"Run", "List", "Freeze", "Thaw", "Kill",
+    assert {e["method"] for e in daemon.events("rpc")} >= {"Run", "List", "Freeze", "Thaw", "Kill",
                                                           "Delete", "Status", "Logs"}
-    one = next(e for e in rpc_events(daemon) if e["method"] == "Freeze")
+    one = next(e for e in daemon.events("rpc") if e["method"] == "Freeze")
     assert one["container"] == ctr.id and one["result"] == "OK" and "ms" in one
     assert one["caller"].startswith("uid=0 pid=")
 
@@ -272,7 +260,7 @@ def test_socket_permissions_and_peer_credentials(daemon_factory, tmp_short: Path
     # Not in the socket's group: the kernel refuses the connection.
     r = as_nobody("ps", gid=65533)
     assert r.returncode == 6 and b"Traceback" not in r.stderr
-    callers = {e["caller"] for e in rpc_events(d)}
+    callers = {e["caller"] for e in d.events("rpc")}
     assert any(x.startswith("uid=65534 ") for x in callers)
 
 
@@ -336,7 +324,7 @@ def test_mutual_tls(daemon_factory, tmp_short: Path) -> None:
                         "--tls-key", str(good.key), "--tls-ca", str(ca.path), "ps"],
                        capture_output=True, timeout=30)
     assert r.returncode == 0 and b"over-tls" in r.stdout
-    assert any(e["caller"] == "tls:operator" for e in rpc_events(d))
+    assert any(e["caller"] == "tls:operator" for e in d.events("rpc"))
     with d.client() as c:
         c.delete(ctr.id, force=True)
 

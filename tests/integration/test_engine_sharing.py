@@ -8,7 +8,6 @@ pages still COW-shared between the processes."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 
@@ -138,8 +137,7 @@ def test_sharing_in_a_container_twice(daemon, tmp_short: Path) -> None:
                 pids = tree_pids(new.init_pid)
                 assert len(pids) == 3
                 assert_shared_again(pids)
-            done = [json.loads(line) for line in daemon.log_path.read_text().splitlines()
-                    if '"checkpoint_done"' in line]
+            done = daemon.events("checkpoint_done")
             # Forked, the tree shares copy-on-write pages; restored, each
             # process has its own copies, so the second checkpoint finds none.
             assert [(e["tasks"], e["cow_shared_bytes"] > 0) for e in done] == [(3, True),

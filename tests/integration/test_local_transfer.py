@@ -28,18 +28,6 @@ from test_checkpoint_daemon import COUNTER_PY, grows, read_count
 BIG_PY = "import time; b = bytearray(b'x') * (384 << 20); open(__import__('sys').argv[1], 'w').close(); time.sleep(1000)"
 
 
-def events(d: Daemon, name: str) -> list[dict]:
-    found = []
-    for line in d.log_path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == name:
-            found.append(e)
-    return found
-
-
 def daemon_fds(d: Daemon) -> int:
     """The daemon's open descriptors, once closed connections and restarted
     spare workers have settled (the count holds still for half a second)."""
@@ -71,7 +59,7 @@ def test_checkpoint_and_restart_through_local_files(daemon: Daemon, tmp_short: P
         grows(counter)
     r = daemon.ckptctl("checkpoint", ctr.id, "-o", str(image), timeout=120)
     assert r.returncode == 0, r.stderr.decode() + daemon.log()
-    assert events(daemon, "checkpoint_done")[-1]["local_file"] is True
+    assert daemon.events("checkpoint_done")[-1]["local_file"] is True
     assert stat.S_IMODE(image.stat().st_mode) == 0o600
     assert [p.name for p in tmp_short.iterdir() if p.name.endswith(".partial")] == []
     stopped_at = read_count(counter)[0]
@@ -81,7 +69,7 @@ def test_checkpoint_and_restart_through_local_files(daemon: Daemon, tmp_short: P
 
     r = daemon.ckptctl("--json", "restart", "-i", str(image), "--name", "counter2", timeout=60)
     assert r.returncode == 0, r.stderr.decode() + daemon.log()
-    assert events(daemon, "restart_done")[-1]["local_file"] is True
+    assert daemon.events("restart_done")[-1]["local_file"] is True
     with daemon.client() as c:
         assert c.status("counter2").container.state == pb.CONTAINER_STATE_RUNNING
         n = wait_for(lambda: read_count(counter)[0] > stopped_at and read_count(counter)[0],
@@ -101,7 +89,7 @@ def test_same_image_as_streaming_and_open_files(daemon: Daemon, tmp_short: Path)
             size = c.checkpoint_to_file(f, ref=ctr.id, leave_running=True)
         assert size == local.stat().st_size > 0
         assert s.checkpoint_to_file(streamed, ref=ctr.id, leave_running=True) > 0
-        assert [e["local_file"] for e in events(daemon, "checkpoint_done")] == [True, False]
+        assert [e["local_file"] for e in daemon.events("checkpoint_done")] == [True, False]
 
         def shape(path: Path) -> dict:
             r = daemon.ckptctl("--json", "image", "inspect", str(path))
@@ -116,7 +104,7 @@ def test_same_image_as_streaming_and_open_files(daemon: Daemon, tmp_short: Path)
             new = c.restart_from_file(f, progress=seen.append)
         assert seen[-1] == streamed.stat().st_size
         new2 = s.restart_from_file(local)
-        assert [e["local_file"] for e in events(daemon, "restart_done")] == [True, False]
+        assert [e["local_file"] for e in daemon.events("restart_done")] == [True, False]
         for x in (new, new2):
             assert c.status(x.id).container.state == pb.CONTAINER_STATE_RUNNING
             c.kill(x.id, signal=9)
@@ -134,8 +122,8 @@ def test_forced_streaming_by_environment(daemon: Daemon, tmp_short: Path,
     assert r.returncode == 0, r.stderr.decode()
     r = daemon.ckptctl("--json", "restart", "-i", str(image), timeout=60)
     assert r.returncode == 0, r.stderr.decode()
-    assert events(daemon, "checkpoint_done")[-1]["local_file"] is False
-    assert events(daemon, "restart_done")[-1]["local_file"] is False
+    assert daemon.events("checkpoint_done")[-1]["local_file"] is False
+    assert daemon.events("restart_done")[-1]["local_file"] is False
     with daemon.client() as c:
         new = json.loads(r.stdout)["id"]
         c.kill(new, signal=9)
@@ -164,7 +152,7 @@ def test_progress_shows_in_status(daemon: Daemon, tmp_short: Path) -> None:
         finally:
             done.set()
             t.join()
-        assert events(daemon, "checkpoint_done")[-1]["local_file"] is True
+        assert daemon.events("checkpoint_done")[-1]["local_file"] is True
         moving = {op.bytes_done for op in seen if op.kind == pb.OPERATION_KIND_CHECKPOINT}
         assert any(0 < b < size for b in moving), f"bytes_done in Status: {sorted(moving)[:5]}"
         assert reported[-1] == size == image.stat().st_size
@@ -291,8 +279,8 @@ def test_interrupted_local_checkpoint_leaves_the_target_running(daemon: Daemon,
                  "the checkpoint to end")
         assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
         assert list(tmp_short.glob("*.img*")) == [], "no image, not even a partial one"
-        assert events(daemon, "checkpoint_done") == []
-        end = wait_for(lambda: [e for e in events(daemon, "rpc")
+        assert daemon.events("checkpoint_done") == []
+        end = wait_for(lambda: [e for e in daemon.events("rpc")
                                 if e.get("method") == "Checkpoint"], 10, "the call to end")
         assert "went away" in end[-1]["error"], "the daemon noticed, and resumed the target"
         c.delete(ctr.id, force=True)

@@ -12,7 +12,6 @@
  */
 #include "wl.h"
 
-#include <dirent.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -26,20 +25,6 @@ static int tasks = 50;
 static pid_t my_pid, my_ppid;
 
 static void tick(void) { counter++; }
-
-static int count_files(char prefix)
-{
-	int n = 0;
-	DIR *d = opendir(wl_dir);
-	struct dirent *e;
-	if (!d)
-		return -1;
-	while ((e = readdir(d)) != NULL)
-		if (e->d_name[0] == prefix && e->d_name[1] == '.' && !strstr(e->d_name, ".tmp"))
-			n++;
-	closedir(d);
-	return n;
-}
 
 static void report(char prefix, const char *text)
 {
@@ -98,9 +83,9 @@ int main(int argc, char **argv)
 	my_ppid = getppid();
 	spawn_children(0);
 	int naps = 0;
-	while (count_files('p') < tasks - 1) {
+	while (wl_count_reports('p') < tasks - 1) {
 		if (++naps > DEADLINE_NAPS)
-			wl_die("only %d of %d processes started", count_files('p') + 1, tasks);
+			wl_die("only %d of %d processes started", wl_count_reports('p') + 1, tasks);
 		wl_nap();
 	}
 	wl_ready("tasks=%d\n", tasks);
@@ -109,22 +94,7 @@ int main(int argc, char **argv)
 	tick();
 	CHECK_EQ("pid", getpid(), my_pid);
 	CHECK(before > 0 && counter == before + 1, "counter %lu lost", before);
-	for (naps = 0; count_files('r') < tasks - 1 && naps < DEADLINE_NAPS; naps++)
-		wl_nap();
-	CHECK_EQ("processes that checked themselves", count_files('r'), tasks - 1);
-	DIR *d = opendir(wl_dir);
-	struct dirent *e;
-	while (d && (e = readdir(d)) != NULL) {
-		char path[PATH_MAX + 64], buf[4096];
-		if (e->d_name[0] != 'r' || e->d_name[1] != '.' || strstr(e->d_name, ".tmp"))
-			continue;
-		snprintf(path, sizeof(path), "%s/%s", wl_dir, e->d_name);
-		ssize_t n = wl_read_file(path, buf, sizeof(buf));
-		if (n < 0 || strncmp(buf, "PASS", 4) != 0)
-			wl_fail("pid %s: %s", e->d_name + 2, n < 0 ? "unreadable" : buf);
-	}
-	if (d)
-		closedir(d);
+	wl_check_member_reports(tasks - 1, DEADLINE_NAPS);
 	int rc = wl_finish();
 	while (wait(NULL) > 0)
 		;

@@ -17,7 +17,6 @@
  */
 #include "wl.h"
 
-#include <dirent.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -51,25 +50,6 @@ static void check_ids(void)
 }
 
 /* p.PID or r.PID, not the NAME.tmp a writer is still filling. */
-static int is_report(const char *name, char prefix)
-{
-	return name[0] == prefix && name[1] == '.' && !strstr(name, ".tmp");
-}
-
-static int count_files(char prefix)
-{
-	int n = 0;
-	DIR *d = opendir(wl_dir);
-	struct dirent *e;
-	if (!d)
-		return -1;
-	while ((e = readdir(d)) != NULL)
-		if (is_report(e->d_name, prefix))
-			n++;
-	closedir(d);
-	return n;
-}
-
 /* A non-root member: report, count until go, check, write r.PID, wait for
  * its own children, exit. */
 static void member(void)
@@ -206,9 +186,9 @@ int main(int argc, char **argv)
 	SETUP(waitpid(helper, NULL, 0));
 	record_ids();
 	int naps = 0;
-	while (count_files('p') < TASKS) {
+	while (wl_count_reports('p') < TASKS) {
 		if (++naps > DEADLINE_NAPS)
-			wl_die("only %d of %d processes reported", count_files('p'), TASKS);
+			wl_die("only %d of %d processes reported", wl_count_reports('p'), TASKS);
 		wl_nap();
 	}
 	wl_ready("tasks=%d\n", TASKS);
@@ -217,22 +197,7 @@ int main(int argc, char **argv)
 	tick();
 	check_ids();
 	CHECK(before > 0 && counter == before + 1, "counter %lu lost", before);
-	for (naps = 0; count_files('r') < TASKS - 1 && naps < DEADLINE_NAPS; naps++)
-		wl_nap();
-	CHECK_EQ("processes that checked themselves", count_files('r'), TASKS - 1);
-	DIR *d = opendir(wl_dir);
-	struct dirent *e;
-	while (d && (e = readdir(d)) != NULL) {
-		char path[PATH_MAX + 64], buf[4096];
-		if (!is_report(e->d_name, 'r'))
-			continue;
-		snprintf(path, sizeof(path), "%s/%s", wl_dir, e->d_name);
-		ssize_t n = wl_read_file(path, buf, sizeof(buf));
-		if (n < 0 || strncmp(buf, "PASS", 4) != 0)
-			wl_fail("pid %s: %s", e->d_name + 2, n < 0 ? "unreadable" : buf);
-	}
-	if (d)
-		closedir(d);
+	wl_check_member_reports(TASKS - 1, DEADLINE_NAPS);
 	int rc = wl_finish();
 	while (wait(NULL) > 0)
 		;

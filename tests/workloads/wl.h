@@ -19,6 +19,7 @@
 #define WL_H
 
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -278,6 +279,46 @@ static inline uint64_t wl_xorshift(uint64_t *s)
 	x ^= x >> 7;
 	x ^= x << 17;
 	return *s = x;
+}
+
+/* Trees whose members report to DIR: "P.PID" files, written whole (through
+ * a .tmp name). How many with this prefix there are now. */
+static inline int wl_count_reports(char prefix)
+{
+	int n = 0;
+	DIR *d = opendir(wl_dir);
+	struct dirent *e;
+	if (!d)
+		return -1;
+	while ((e = readdir(d)) != NULL)
+		if (e->d_name[0] == prefix && e->d_name[1] == '.' && !strstr(e->d_name, ".tmp"))
+			n++;
+	closedir(d);
+	return n;
+}
+
+/* After go: wait (at most naps) for the members' "r.PID" verdicts, then fail
+ * for each that is missing or not PASS. */
+static inline void wl_check_member_reports(int expected, int naps)
+{
+	while (wl_count_reports('r') < expected && naps-- > 0)
+		wl_nap();
+	if (wl_count_reports('r') != expected)
+		wl_fail("processes that checked themselves: %d, want %d", wl_count_reports('r'),
+			expected);
+	DIR *d = opendir(wl_dir);
+	struct dirent *e;
+	while (d && (e = readdir(d)) != NULL) {
+		char path[PATH_MAX + 64], buf[4096];
+		if (e->d_name[0] != 'r' || e->d_name[1] != '.' || strstr(e->d_name, ".tmp"))
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", wl_dir, e->d_name);
+		ssize_t n = wl_read_file(path, buf, sizeof(buf));
+		if (n < 0 || strncmp(buf, "PASS", 4) != 0)
+			wl_fail("pid %s: %s", e->d_name + 2, n < 0 ? "unreadable" : buf);
+	}
+	if (d)
+		closedir(d);
 }
 
 #endif /* WL_H */
