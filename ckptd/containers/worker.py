@@ -144,6 +144,8 @@ class Worker:
                 data = self.control.recv(65536)
             except TimeoutError:
                 raise errors.TimeoutError_("the engine worker did not answer in time") from None
+            except ConnectionResetError:
+                data = b""   # it died before reading all we sent: the same end
             if not data:
                 raise errors.SystemError_(f"the engine worker ended unexpectedly; "
                                           f"{self._exit_text()}")

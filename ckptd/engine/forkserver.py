@@ -48,9 +48,13 @@ CONTROL_FD_ENV = "CKPTD_CONTROL_FD"   # as in ckptd.engine.worker
 WORKER_CONTROL_FD = 3                 # where the child finds its control socket
 FORK_FDS = 4                          # control, stdin, stdout, stderr
 # A request is an environment and a few fields: a few KiB. Larger is refused.
-MAX_REQUEST = 1 << 18
+MAX_REQUEST = 1 << 16
 MAX_FDS = 8                           # more than a request may carry: to notice and close them
+PR_SET_NAME = 15
 PR_GET_CHILD_SUBREAPER = 37
+# Names in ps/top (comm): a forked worker's command line is still the server's.
+SERVER_NAME = b"ckptd-forks"
+WORKER_NAME = b"ckptd-worker"
 CHILD_FAILED = 127                    # exit status of a child that could not become a worker
 
 
@@ -165,6 +169,7 @@ class Server:
             # may close that number again once a worker file has it.
             self.sock.detach()
             os.setsid()
+            _set_name(WORKER_NAME)
             for sig, disposition in self.dispositions.items():
                 if disposition is not None and signal.getsignal(sig) != disposition:
                     signal.signal(sig, disposition)
@@ -212,10 +217,13 @@ class Server:
 
 
 def _is_subreaper() -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
     value = ctypes.c_int(0)
-    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0)
+    ctypes.CDLL(None).prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0)
     return bool(value.value)
+
+
+def _set_name(name: bytes) -> None:
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def main() -> int:
@@ -227,6 +235,7 @@ def main() -> int:
     if _is_subreaper():
         print("ckptd fork server: refusing to run as a child subreaper", file=sys.stderr)
         return 1
+    _set_name(SERVER_NAME)
     from ckptd.engine import worker  # noqa: F401 - the import is the point: children share it
     # Keep the collector off what the children inherit: a collection in a
     # child would otherwise write to (copy) every page of the heap.
