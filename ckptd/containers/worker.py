@@ -1,14 +1,23 @@
 """The daemon's handle on one engine worker process.
 
-Every checkpoint or restore runs in its own ``python -m ckptd.engine.worker``:
-ptrace belongs to the thread that attached, and a crash in the engine must
-not take the daemon down. Starting Python and importing the engine costs
-~200 ms, more than a whole checkpoint of a small process, so ``WorkerPool``
-keeps workers started ahead, waiting for their request. The worker speaks newline-delimited JSON on a unix
-socket whose fd number it finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout (checkpoint) or stdin (restore),
-or, when the request says ``"image_fd": true``, through a caller's file whose
-descriptor comes attached to the request (SCM_RIGHTS on the control socket).
-Closing the handle kills a worker that is still running and reaps it.
+Every checkpoint or restore runs in a worker process of its own: ptrace
+belongs to the thread that attached, and a crash in the engine must not take
+the daemon down. Starting ``python -m ckptd.engine.worker`` afresh costs
+~135 ms of CPU (interpreter and imports), more than a whole checkpoint of a
+small process, so ``WorkerPool`` runs a fork server (ckptd/engine/forkserver.py,
+driven through ckptd/containers/forks.py) that has the engine imported and
+forks each worker in ~1.3 ms, and keeps one forked ahead. A forked worker is
+the fork server's child: ``ForkedWorker`` watches and signals it through a
+pidfd and has the server reap it. If the fork server is gone or misbehaves,
+it is replaced and the worker is started afresh, the old way: an operation
+never fails for want of a fork server.
+
+The worker speaks newline-delimited JSON on a unix socket whose fd number it
+finds in $CKPTD_CONTROL_FD (default 3) and moves image bytes on stdout
+(checkpoint) or stdin (restore), or, when the request says
+``"image_fd": true``, through a caller's file whose descriptor comes attached
+to the request (SCM_RIGHTS on the control socket). Closing the handle kills a
+worker that is still running and reaps it.
 """
 
 from __future__ import annotations
@@ -363,9 +372,11 @@ class ForkedWorker:
                 time.sleep(ORPHAN_POLL)   # ours, exiting: not a zombie quite yet
 
 
-# Two: a checkpoint followed at once by a restart (a benchmark, a migration)
-# must not wait for a cold start.
-SPARE_WORKERS = 2
+# One, forked ahead: a fork costs ~1.3 ms and the worker answers ~2 ms later,
+# so a spare saves only that; a second one made no difference in the sleep
+# benchmark (back-to-back checkpoint/restart rounds, medians within 1-3 ms
+# for 0, 1 and 2 spares) and would only hold memory.
+SPARE_WORKERS = 1
 
 
 class WorkerPool:
