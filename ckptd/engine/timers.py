@@ -24,8 +24,11 @@ def dump_itimers(probe) -> Callable[[], list[image_pb2.ITimer]]:
     """Asks ``probe``; call the result once it has run."""
     asked = [(which, probe.ask(sysnr.GETITIMER, which, OUT, out=32, what=f"getitimer({which})"))
              for which in range(3)]
+    # Kept if the interval alone is set: an ITIMER_REAL that fired while its
+    # SIGALRM is still pending reads 0 left (the kernel rearms it when the
+    # signal is taken), yet it is armed.
     return lambda: [image_pb2.ITimer(which=which, value=a.data) for which, a in asked
-                    if any(a.data[16:])]
+                    if any(a.data)]
 
 
 def dump_posix_timers(probe, pid: int) -> Callable[[], list[image_pb2.PosixTimer]]:
@@ -47,6 +50,10 @@ def restore_itimers(batch, task: image_pb2.Task) -> None:
         if len(t.value) != 32 or t.which >= 3:
             continue
         i_sec, i_usec, v_sec, v_usec = struct.unpack("<qqqq", t.value)
+        if not (v_sec or v_usec):
+            # Fired, its signal pending (restored as such): setitimer with 0
+            # would disarm it; arm the next period, as taking the signal would.
+            v_sec, v_usec = i_sec, i_usec
         if t.which != ITIMER_REAL:
             us = max(1, v_sec * 1_000_000 + v_usec - CPU_TICK_US)
             v_sec, v_usec = divmod(us, 1_000_000)
