@@ -1,10 +1,10 @@
 """Processes started ahead of need.
 
-Starting Python and importing what a helper process needs costs far more than
-the work it then does (~200 ms for an engine worker, ~65 ms for a shim, while
-a checkpoint of a small process takes ~15 ms). ``Spares`` keeps a few started
-and waiting for their first instruction, and tops them up in the background
-when one is taken.
+Starting a helper process costs more than the work it then does (a shim:
+~65 ms of interpreter and imports; an engine worker forked from the fork
+server: a few ms, ~135 ms when it must start fresh; a checkpoint of a small
+process takes ~15 ms). ``Spares`` keeps a few started and waiting for their
+first instruction, and tops them up in the background when one is taken.
 
 A spare starts under SCHED_IDLE: on two cores its start-up would otherwise
 take CPU from the operations that run meanwhile (it costs far more CPU than
