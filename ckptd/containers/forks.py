@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -117,7 +117,7 @@ class ForkServer:
             raise ValueError(f"answer {answer!r} is not an object")
         return answer
 
-    def _broken(self, why: str) -> None:
+    def _broken(self, why: str) -> NoReturn:
         with self._lock:
             self._replace(why)
         raise ForkServerError(why)

@@ -142,8 +142,8 @@ class DumpSession:
     def _seize_tree(self, frontier: list[int], waiting: list[tuple[_Proc, list[int]]],
                     deferred: list[tuple[_Proc, list[int]]]) -> None:
         while frontier:
-            level = []
-            made = []
+            level: list[tuple[_Proc, list[int]]] = []
+            made: list[_Proc] = []
             for pid in frontier:
                 p = _Proc(pid)
                 self.procs.append(p)

@@ -332,7 +332,7 @@ class RestoreSession:
         task = self.meta.task
         want = task.pgid
         outside, root = self.outside_group
-        if want and want == outside and root is not self:
+        if want and want == outside and root is not None and root is not self:
             want = _ns_ids(root.pid)[1]       # where the root is now
         elif want not in self.tree_pids | self.helpers:
             return

@@ -79,8 +79,10 @@ def dump_sharing(pids: list[int], to_ns: dict[int, int]) -> dict[int, dict[str, 
 
 def _groups(pids: list[int], kind: int) -> list[list[int]]:
     order = {0: 0, 1: -1, 2: 1}
-    ranked = sorted(pids, key=functools.cmp_to_key(
-        lambda a, b: order.get(task_mod.kcmp(a, b, kind), 0)))
+    def compare(a: int, b: int) -> int:
+        return order.get(task_mod.kcmp(a, b, kind), 0)
+
+    ranked = sorted(pids, key=functools.cmp_to_key(compare))
     groups: list[list[int]] = []
     for i, pid in enumerate(ranked):
         if i and task_mod.kcmp(ranked[i - 1], pid, kind) == 0:

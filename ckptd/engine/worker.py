@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import structlog
 
@@ -109,13 +109,13 @@ def image_file(ctl: Control, req: dict[str, Any], mode: str) -> BinaryIO:
     """Where the image goes ("wb") or comes from ("rb"): the caller's own
     file if the daemon attached one, else our pipe to the daemon."""
     if req.get("image_fd"):
-        return os.fdopen(ctl.take_fd(), mode, buffering=OUT_BUFFER)
+        return cast(BinaryIO, os.fdopen(ctl.take_fd(), mode, buffering=OUT_BUFFER))
     std = 1 if mode == "wb" else 0
     _grow_pipe(std)
     f = os.fdopen(os.dup(std), mode, buffering=OUT_BUFFER)
     if std == 1:
         os.close(1)   # only `f` holds the pipe now: closing it ends the image
-    return f
+    return cast(BinaryIO, f)
 
 
 def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:

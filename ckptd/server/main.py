@@ -113,6 +113,8 @@ class Daemon:
                             detail="plain TCP: every local user can call the daemon as root")
                 server.add_insecure_port(cfg.listen)
             else:
+                # config.py refuses --listen without all three outside loopback.
+                assert cfg.tls_key and cfg.tls_cert and cfg.tls_client_ca
                 creds = grpc.ssl_server_credentials(
                     [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
                     root_certificates=cfg.tls_client_ca.read_bytes(),
