@@ -304,14 +304,17 @@ class DumpSession:
             next_vma += len(c["mm"].vmas)
             self.collected.append(c)
         tasks = [c["task"] for c in self.collected]
-        sharing_tables.plan(tasks, {t.pid: t.ppid for t in tasks[1:]})
+        self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
+        # The shape a restore must make, refused now if it cannot.
+        cloner, sids = tree.session_cloners(tasks + self.zombie_tasks)
+        sharing_tables.plan([tasks[0]] + [tree.session_helper(s, tasks[0]) for s in sids]
+                            + tasks[1:], cloner)
         leaks.check(self.pid, pids, [c["files"] for c in self.collected], zombies=self.zombies,
                     ignore=self.ignore_pids, accept=self.externals)
         self.linked = shared.link(self.collected)
         if len(self.collected) > 1:    # one process shares with nobody
             self.cow_shared_bytes = shared.count_cow_shared(
                 [shared.cow_keys(c["pid"], c["spans"]) for c in self.collected])
-        self.zombie_tasks = [tree.dump_zombie(pid, to_ns, self.pid) for pid in self.zombies]
         root_mm = self.collected[0]["mm"]
         self.origin = _origin(self.pid, source or {"kind": "host"}, root_mm,
                               [to_ns[pid] for pid in pids + self.zombies])

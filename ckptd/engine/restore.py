@@ -758,25 +758,12 @@ def _make_tree(sessions: list[RestoreSession]) -> None:
     root = sessions[0]
     pids = {s.meta.task.pid for s in sessions}
     by_pid = {s.meta.task.pid: s for s in sessions}
-    cloner = {s.meta.task.pid: s.meta.task.ppid for s in sessions[1:]}
-    session_helpers: list[RestoreSession] = []
-    for s in sessions[1:]:
-        t = s.meta.task
-        if t.sid in pids or t.sid == root.meta.task.sid or by_pid[t.ppid].meta.task.sid == t.sid:
-            continue
-        if t.ppid != root.meta.task.pid or not (root.meta.task.pid == 1
-                                                or root.meta.task.child_subreaper):
-            raise UnsupportedError(f"pid {t.pid} is in session {t.sid}, whose leader has "
-                                   f"exited, under parent {t.ppid} that is not the tree's "
-                                   "reaper: not supported yet", pid=t.pid, kind="session")
-        if t.sid not in cloner:
-            h = RestoreSession(Metadata(root.meta.origin, image_pb2.Task(
-                pid=t.sid, ppid=root.meta.task.pid, sid=t.sid, pgid=t.sid,
-                session_leader=True), image_pb2.Mm(), image_pb2.Files(), {}))
-            session_helpers.append(h)
-            by_pid[t.sid] = h
-            cloner[t.sid] = root.meta.task.pid
-        cloner[t.pid] = t.sid
+    cloner, sids = tree.session_cloners([s.meta.task for s in sessions])
+    session_helpers = [RestoreSession(Metadata(root.meta.origin,
+                                               tree.session_helper(sid, root.meta.task),
+                                               image_pb2.Mm(), image_pb2.Files(), {}))
+                       for sid in sids]
+    by_pid.update((h.meta.task.pid, h) for h in session_helpers)
     helper_by: dict[int, list[int]] = {}   # cloner pid -> groups it makes helpers for
     # The root's group when it lies outside the tree (a host tree started
     # from a shell): not ours to make; its members join the root's group.

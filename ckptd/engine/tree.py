@@ -14,7 +14,7 @@ children itself (restore.py), so the tree's shape and pids come back with it.
 from __future__ import annotations
 
 
-from ckptd.errors import ImageError
+from ckptd.errors import ImageError, UnsupportedError
 from ckptd.kernel import procfs
 from ckptd.v1 import image_pb2
 
@@ -70,3 +70,37 @@ def check_tree(tasks: list[image_pb2.Task]) -> None:
         if not 0 <= t.exit_signal < 65:
             raise ImageError(f"task {t.pid} has exit signal {t.exit_signal}", record="TASK")
         seen.add(t.pid)
+
+
+def session_cloners(tasks: list[image_pb2.Task]) -> tuple[dict[int, int], list[int]]:
+    """Who clones each task at restore (pid -> pid, in the tree's namespace),
+    and the sessions whose exited leader a helper must stand in for.
+
+    A task is cloned by its parent, except an orphan in a session whose
+    leader has exited: that session can only be entered at birth from a
+    task with the session's pid, so a helper with that pid (cloned by the
+    root) clones it, and the orphan is the root's again once the helper
+    exits — which needs the root to be the namespace's init or a child
+    subreaper. Anything else is refused (at checkpoint as at restore)."""
+    root = tasks[0]
+    pids = {t.pid for t in tasks}
+    by_pid = {t.pid: t for t in tasks}
+    cloner = {t.pid: t.ppid for t in tasks[1:]}
+    helpers: list[int] = []
+    for t in tasks[1:]:
+        if t.sid in pids or t.sid == root.sid or by_pid[t.ppid].sid == t.sid:
+            continue
+        if t.ppid != root.pid or not (root.pid == 1 or root.child_subreaper):
+            raise UnsupportedError(f"pid {t.pid} is in session {t.sid}, whose leader has "
+                                   f"exited, under parent {t.ppid} that is not the tree's "
+                                   "reaper: not supported yet", pid=t.pid, kind="session")
+        if t.sid not in cloner:
+            helpers.append(t.sid)
+            cloner[t.sid] = root.pid
+        cloner[t.pid] = t.sid
+    return cloner, helpers
+
+
+def session_helper(sid: int, root: image_pb2.Task) -> image_pb2.Task:
+    """The task standing in for session ``sid``'s exited leader."""
+    return image_pb2.Task(pid=sid, ppid=root.pid, sid=sid, pgid=sid, session_leader=True)

@@ -272,3 +272,60 @@ def test_a_tree_in_the_callers_process_group(tmp_path: Path, request) -> None:
         assert after == expect
     finally:
         _kill_tree(proc.pid)
+
+
+ORPHAN_UNDER_A_SUBREAPER = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+ready = sys.argv[1]
+if os.fork() == 0:                      # P: a child subreaper inside the tree
+    libc.prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
+    leader = os.fork()
+    if leader == 0:                     # L: leads a session, leaves an orphan in it
+        os.setsid()
+        if os.fork() == 0:              # M: ends up P's child, in L's session
+            time.sleep(1000)
+        os._exit(0)
+    os.waitpid(leader, 0)
+    open(ready, "w").close()
+    while True:
+        time.sleep(1000)
+time.sleep(1000)
+"""
+
+
+def test_an_orphan_of_an_exited_session_under_a_subreaper_is_refused_at_checkpoint(
+        tmp_path: Path) -> None:
+    """A shape no restore can make (an exited session's orphan whose parent
+    is not the tree's root) is refused by the checkpoint, before anything is
+    written, not later by the restore; the tree runs on untouched."""
+    require_root()
+    import subprocess
+    import sys
+    from ckptd.errors import UnsupportedError
+    from harness import tree_pids
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_UNDER_A_SUBREAPER, str(ready)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    pids: list[int] = []
+    try:
+        wait_for(ready.exists, 10, "the tree to start")
+        pids = tree_pids(proc.pid)
+        assert len(pids) == 3
+        image = tmp_path / "image"
+        with open(image, "wb") as f, pytest.raises(UnsupportedError) as e:
+            api.checkpoint(proc.pid, f, kill=True)
+        assert "whose leader has exited" in str(e.value), e.value
+        assert image.stat().st_size == 0
+        assert tree_pids(proc.pid) == pids
+        for pid in pids:
+            with open(f"/proc/{pid}/status") as f:
+                assert "TracerPid:\t0\n" in f.read()
+    finally:
+        for pid in reversed(pids or [proc.pid]):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.wait(5)
