@@ -421,3 +421,32 @@ def test_fs_info_shared_through_clone_is_refused(tmp_path: Path, request) -> Non
     with open(tmp_path / "image", "wb") as f:
         api.checkpoint(child, f, externals=[f"fs:{child}"])   # accepted: resumed after
     assert not traced_or_stopped(child)
+
+
+# -- tables shared through clone() with a process outside the subtree ---------------------
+
+@pytest.mark.parametrize("who,kinds", [("a", {"fdtable"}), ("b", {"fs"}),
+                                       ("c", {"vm", "sighand"})])
+def test_a_subtree_sharing_a_table_with_its_parent_is_refused(who: str, kinds: set[str],
+                                                              tmp_path: Path) -> None:
+    """The clone_flags workload's A, B and C share their fd table, fs info,
+    or memory and handlers with the root: checkpointing one of them alone
+    (--pid) leaks that table, named after the subtree's process, with the
+    root as the outside holder; the tree runs on untouched and still checks
+    itself."""
+    require_root()
+    from workloads.workloads import Workload
+    with Workload.start("clone_flags", tmp_path / "wl") as w:
+        info = w.wait_ready()
+        pid = int(info[who])
+        e = refusal(pid)
+        assert isinstance(e, leaks.LeakError)
+        tables = {leak.name for leak in e.leaks if leak.kind != "file"}
+        assert tables == {f"{k}:{pid}" for k in kinds}, e.leaks
+        # Each names the root as the outside holder (so do the files they
+        # share since the fork: stdout, and all of A's fds, its table being
+        # the root's).
+        assert all(w.pid in {h.pid for h in leak.outside} for leak in e.leaks), e.leaks
+        assert not traced_or_stopped(pid) and not traced_or_stopped(w.pid)
+        w.go()
+        assert w.result() == "PASS", w.output()
