@@ -40,7 +40,7 @@ from ckptd.containers.records import (
 from ckptd.containers.registry import Entry, Registry
 from ckptd.containers.shim import ShimConfig
 from ckptd.errors import NotFoundError, StateError, TimeoutError_, UsageError
-from ckptd.kernel import cgroupfs, process, procfs
+from ckptd.kernel import cgroupfs, process, procfs, proctask
 from ckptd.kernel.cgroupfs import Freezer, FreezerState
 from ckptd.kernel.freezer import KINDS, make_freezer, open_freezer
 
@@ -247,8 +247,8 @@ class ContainerManager:
         cdir = container_dir(self.state_dir, cid)
         with self._registry.reserving(name, cid), contextlib.ExitStack() as undo:
             self._make_home(undo, cdir, freezer, cgroup)
-            with kernel_call("moving the restored process into its cgroup", pid=pid):
-                cgroupfs.write_control(freezer.join_file(cgroup), str(pid))
+            with kernel_call("moving the restored processes into their cgroup", pid=pid):
+                _move_tree(freezer.join_file(cgroup), pid)
             with kernel_call("reading the restored process", pid=pid):
                 start = process.start_time(pid)
                 argv = tuple(procfs.read_cmdline(pid)) or (f"pid {pid}",)
@@ -258,7 +258,8 @@ class ContainerManager:
                             owner_uid=owner_uid, init_pid=pid, init_start_time=start,
                             notes=("restored into the host PID namespace",))
             self._save(record)
-            self._reaper.watch_adopted(pid, start, lambda st: save_exit_status(cdir, st))
+            self._reaper.watch_adopted(pid, start, lambda st: save_exit_status(cdir, st),
+                                       lambda p: cgroupfs.cgroup_of(p, freezer) == cgroup)
             self._registry.add(Entry(record))
             undo.pop_all()
         log.info("process_adopted", container=cid, pid=pid, ms=_ms_since(began))
@@ -561,3 +562,19 @@ def _home(uid: int) -> str:
 
 def _ms_since(began: float) -> float:
     return round((time.monotonic() - began) * 1000, 1)
+
+
+def _move_tree(procs_file: Path, root: int) -> None:
+    """Every process of the tree under ``root`` into a cgroup, parents
+    first: a child forked after its parent moved is born there, one forked
+    before shows in the parent's children read after the move."""
+    todo = [root]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            cgroupfs.write_control(procs_file, str(pid))
+            todo += proctask.read_children(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            if pid == root:
+                raise
+            # exited meanwhile (a zombie cannot move either): nothing to hold

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import structlog
 
 from ckptd.containers.records import ExitStatus
-from ckptd.kernel import process, procfs
+from ckptd.kernel import process, procfs, proctask
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +30,7 @@ class ShimReaper:
         self._lock = threading.Lock()
         self._watched: dict[int, Callable[[], None]] = {}   # pidfd -> what to do on exit
         self._shims: dict[int, subprocess.Popen[bytes]] = {}  # pidfd -> shim, for close()
+        self._orphans: set[int] = set()     # pids of adopted trees' orphans being watched
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -45,9 +46,13 @@ class ShimReaper:
         self._add(fd, exited, shim)
 
     def watch_adopted(self, pid: int, start: int,
-                      on_status: Callable[[ExitStatus], None]) -> None:
+                      on_status: Callable[[ExitStatus], None],
+                      member: Callable[[int], bool] = lambda pid: False) -> None:
         """Reap ``pid``, a child of ours without a shim (a process restored in
-        the host PID namespace), and hand its exit status to ``on_status``."""
+        the host PID namespace), and hand its exit status to ``on_status``.
+        Its descendants come to us when their parents die (we are a child
+        subreaper): those for which ``member`` holds (in its container) are
+        reaped as they end."""
         fd = process.open_pidfd(pid, start)
 
         def exited() -> None:
@@ -66,7 +71,40 @@ class ShimReaper:
                 on_status(ExitStatus(exit_code=code, exit_signal=sig, exited_at=time.time()))
             finally:
                 os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+                self._watch_orphans(member)
         self._add(fd, exited)
+
+    def _watch_orphans(self, member: Callable[[int], bool]) -> None:
+        """Our children of a container whose parent has died: reap each when
+        it ends, and look again then (its own children come to us)."""
+        try:
+            ours = proctask.read_children(os.getpid())
+        except OSError:
+            return
+        with self._lock:
+            watched = set(self._orphans)
+        for pid in ours:
+            if pid in watched or not member(pid):
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+
+            def exited(pid: int = pid, fd: int = fd) -> None:
+                try:
+                    os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+                except ChildProcessError:
+                    pass   # not ours after all
+                with self._lock:
+                    self._orphans.discard(pid)
+                self._watch_orphans(member)
+            with self._lock:
+                self._orphans.add(pid)
+            try:
+                self._add(fd, exited)
+            except RuntimeError:
+                return   # closing: whoever adopts us reaps them
 
     def close(self) -> None:
         """Stop the thread. Shims keep running; those still alive are no longer

@@ -144,3 +144,18 @@ class CgroupDir:
 
     def procs(self, path: Path) -> list[int]:
         return read_ids(path / "cgroup.procs")
+
+
+def cgroup_of(pid: int, freezer: Freezer) -> Path | None:
+    """The cgroup of ``freezer``'s hierarchy that ``pid`` is in (a zombie
+    keeps the one it died in); None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (controllers == "") if freezer.name == "cgroup2" else "freezer" in controllers.split(","):
+            return freezer.mount / path.lstrip("/")
+    return None

@@ -162,13 +162,20 @@ def test_refused_checkpoint_leaves_container_running(daemon: Daemon, tmp_short: 
 
 
 def test_host_process_by_pid(daemon: Daemon, tmp_short: Path) -> None:
+    """A host tree (a shell's `sleep 999` with a `sleep 1000` child) by
+    --pid: restored with its pids, the whole tree in the new container's
+    cgroup (Status counts both, Kill ends both)."""
     out = tmp_short / "sleep.out"
     with open(out, "wb") as f:
-        proc = subprocess.Popen(["sleep", "1000"], stdout=f, stderr=f,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    pid = proc.pid
+        proc = subprocess.Popen(["bash", "-c", "sleep 1000 & exec sleep 999"], stdout=f,
+                                stderr=f, stdin=subprocess.DEVNULL, start_new_session=True)
+    pid, child = proc.pid, 0
     image = tmp_short / "host.img"
     try:
+        wait_for(lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\x00999")
+                 and Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), 10,
+                 "the tree")
+        child = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
         r = daemon.ckptctl("checkpoint", "--pid", str(pid), "-o", str(image), timeout=60)
         assert r.returncode == 0, r.stderr.decode() + daemon.log()
         assert proc.wait(10) == -signal.SIGKILL
@@ -177,20 +184,25 @@ def test_host_process_by_pid(daemon: Daemon, tmp_short: Path) -> None:
         assert r.returncode == 0, r.stderr.decode() + daemon.log()
         restored = json.loads(r.stdout)
         assert int(restored["init_pid"]) == pid, "same pid in the host namespace"
-        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
+        assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00999\x00"
+        assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split() == [str(child)]
+        with daemon.client() as c:
+            assert c.status(restored["id"]).container.num_tasks == 2
         # Restoring again while the pid is taken fails and names the pid.
         r = daemon.ckptctl("restart", "-i", str(image), timeout=60)
         assert r.returncode != 0 and str(pid).encode() in r.stderr
         with daemon.client() as c:
             c.kill(restored["id"], signal=signal.SIGKILL)
-            wait_for(lambda: pid_gone(pid), 10, "the restored process to die")
+            wait_for(lambda: pid_gone(pid) and pid_gone(child), 10,
+                     "the restored processes to die")
             assert c.status(restored["id"]).container.exit_signal == signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if not pid_gone(pid):
-            os.kill(pid, signal.SIGKILL)
+        for p in (pid, child):
+            if p and not pid_gone(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_uts_names_come_back(daemon: Daemon, tmp_short: Path) -> None:
