@@ -62,9 +62,18 @@ int main(int argc, char **argv)
 		waitpid(child, NULL, 0);
 	}
 	if (exec_mode) {
-		char path[64], cmd[64];
+		/* The kernel lets a vfork parent go early in the child's exec,
+		 * before the new program's arguments are in place: look again for
+		 * a while before calling it wrong. */
+		char path[64], cmd[64] = "";
 		snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)child);
-		ssize_t n = wl_read_file(path, cmd, sizeof(cmd));
+		ssize_t n = -1;
+		for (int naps = 0; naps < 200; naps++) {
+			n = wl_read_file(path, cmd, sizeof(cmd));
+			if ((n > 0 && strcmp(cmd, "sleep") == 0) || wl_sabotage)
+				break;
+			wl_nap();
+		}
 		CHECK(n > 0 && strcmp(cmd, "sleep") == 0, "child %d is not running sleep",
 		      (int)child);
 		kill(child, SIGKILL);
