@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from harness import wait_for
 from helpers import require_root
 
 from ckptd.containers.spares import Spares
+
+pytestmark = pytest.mark.root
 
 
 def _spawn() -> subprocess.Popen[bytes]:
