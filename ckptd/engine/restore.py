@@ -251,18 +251,8 @@ class RestoreSession:
         self.base = ptrace.get_regs(self.pid)
 
     def _spawn_host(self, pid: int) -> int:
-        deadline = time.monotonic() + PID_FREE_TIMEOUT
-        for tid in [th.tid for th in self.meta.task.threads]:
-            while True:
-                try:
-                    zombie = procfs.read_stat(tid).is_zombie
-                except (ProcessLookupError, FileNotFoundError):
-                    break
-                # A zombie is on its way out (PID 1 reaps slowly); a live one is not.
-                if not zombie or time.monotonic() > deadline:
-                    raise StateError(f"pid {tid} is taken by a running process: cannot "
-                                     "restore with the original pid", pid=tid)
-                time.sleep(0.005)
+        """The root's stub with its pid (restore() waited for every pid of
+        the tree to be free)."""
         try:
             child = task_mod.spawn_with_pid(pid, str(native.binary(native.STUB)),
                                             [native.STUB])

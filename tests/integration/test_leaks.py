@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Daemon, kill_and_reap, pid_gone, wait_for
+from harness import Daemon, kill_and_reap, pid_gone, tree_pids, wait_for
 from helpers import require, require_root
 
 from ckptd.engine import api, leaks
@@ -428,7 +428,7 @@ def test_fs_info_shared_through_clone_is_refused(tmp_path: Path, request) -> Non
 @pytest.mark.parametrize("who,kinds", [("a", {"fdtable"}), ("b", {"fs"}),
                                        ("c", {"vm", "sighand"})])
 def test_a_subtree_sharing_a_table_with_its_parent_is_refused(who: str, kinds: set[str],
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, request) -> None:
     """The clone_flags workload's A, B and C share their fd table, fs info,
     or memory and handlers with the root: checkpointing one of them alone
     (--pid) leaks that table, named after the subtree's process, with the
@@ -438,6 +438,10 @@ def test_a_subtree_sharing_a_table_with_its_parent_is_refused(who: str, kinds: s
     from workloads.workloads import Workload
     with Workload.start("clone_flags", tmp_path / "wl") as w:
         info = w.wait_ready()
+        # By pid, also if the test fails: the CLONE_VM child has no
+        # parent-death signal, and the others outlive a killed root.
+        everyone = tree_pids(w.pid)
+        request.addfinalizer(lambda: [kill_and_reap(p) for p in reversed(everyone)])
         pid = int(info[who])
         e = refusal(pid)
         assert isinstance(e, leaks.LeakError)
