@@ -44,6 +44,7 @@ class Target:
     container: str = ""
     pid: int = 0
     externals: tuple[str, ...] = ()
+    viewer_uid: int = 0        # the caller: a refusal names only what it may see
 
 
 def checkpoint(manager: ContainerManager, operations: Operations, workers: WorkerPool,
@@ -120,7 +121,8 @@ def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any],
         ours = [pid for pid in (manager.shim_pid(info.id), os.getpid()) if pid]
         return ({"op": "checkpoint", "pid": info.init_pid, "cgroup": info.cgroup_path,
                  "freezer": manager.freezer_name(info.id), "source": source,
-                 "ignore_pids": ours, "externals": externals}, info.id)
+                 "ignore_pids": ours, "externals": externals,
+                 "viewer_uid": target.viewer_uid}, info.id)
     if target.pid <= 0:
         raise errors.UsageError(f"bad pid {target.pid}")
     try:
@@ -131,7 +133,7 @@ def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any],
         raise errors.UsageError("refusing to checkpoint pid 1 of the host")
     return ({"op": "checkpoint", "pid": target.pid, "cgroup": None, "freezer": None,
              "source": {"kind": "host"}, "ignore_pids": [os.getpid()],
-             "externals": externals}, "")
+             "externals": externals, "viewer_uid": target.viewer_uid}, "")
 
 
 def _control(message: dict[str, Any], op, count_bytes: bool = False) -> dict[str, Any] | None:

@@ -41,12 +41,12 @@ class Checkpoint:
 def checkpointed(pid: int, sink, *, cgroup: str | None = None, freezer: str | None = None,
                  source: dict[str, Any] | None = None,
                  progress: Progress | None = None, ignore_pids: Collection[int] = (),
-                 externals: Collection[str] = ()) -> Iterator[Checkpoint]:
+                 externals: Collection[str] = (), viewer: int = 0) -> Iterator[Checkpoint]:
     """``externals``: names of resources shared with processes outside the
     tree to accept as private copies (a refusal's report lists them);
     ``ignore_pids``: outside processes whose sharing is expected (leaks.py)."""
     session = DumpSession(pid, cgroup=cgroup, freezer=freezer, ignore_pids=ignore_pids,
-                          externals=externals)
+                          externals=externals, viewer=viewer)
     cp: Checkpoint | None = None
     try:
         with context(pid=pid):

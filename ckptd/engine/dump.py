@@ -82,8 +82,9 @@ class DumpSession:
 
     def __init__(self, pid: int, *, cgroup: str | None = None,
                  freezer: str | None = None, ignore_pids: Collection[int] = (),
-                 externals: Collection[str] = ()) -> None:
+                 externals: Collection[str] = (), viewer: int = 0) -> None:
         self.pid = pid
+        self.viewer = viewer   # the caller's uid: what a refusal may tell (leaks.py)
         self.ignore_pids = frozenset(ignore_pids)
         self.externals = leaks.parse_externals(externals)   # bad syntax: before any stop
         self.cgroup = Path(cgroup) if cgroup else Path()
@@ -310,7 +311,7 @@ class DumpSession:
         sharing_tables.plan([tasks[0]] + [tree.session_helper(s, tasks[0]) for s in sids]
                             + tasks[1:], cloner)
         leaks.check(self.pid, pids, [c["files"] for c in self.collected], zombies=self.zombies,
-                    ignore=self.ignore_pids, accept=self.externals)
+                    ignore=self.ignore_pids, accept=self.externals, viewer=self.viewer)
         self.linked = shared.link(self.collected)
         if len(self.collected) > 1:    # one process shares with nobody
             self.cow_shared_bytes = shared.count_cow_shared(

@@ -64,6 +64,8 @@ KINDS = {
 NOT_ACCEPTABLE = frozenset({PROCESS})
 _TABLES = ((FDTABLE, task_mod.KCMP_FILES), (FS, task_mod.KCMP_FS),
            (VM, task_mod.KCMP_VM), (SIGHAND, task_mod.KCMP_SIGHAND))
+# How an outside holder of another user reads to a caller who is not root.
+OTHER_USER = "a process of another user"
 _MEM_NAME = re.compile(r"^([0-9a-f]{1,8}):([0-9a-f]{1,8}):(\d+)$")
 
 
@@ -131,9 +133,13 @@ class Leak:
     def acceptable(self) -> bool:
         return self.kind not in NOT_ACCEPTABLE
 
-    def line(self) -> str:
+    def line(self, viewer: int = 0) -> str:
+        """One line of the report for a caller of uid ``viewer``: processes of
+        other users are not named to a caller who is not root."""
         inside = ", ".join(map(str, self.inside))
-        outside = ", ".join(f"{h} ({_comm(h.pid)})" for h in self.outside)
+        shown = [f"{h} ({_comm(h.pid)})" if _may_see(viewer, h.pid) else OTHER_USER
+                 for h in self.outside]
+        outside = ", ".join(dict.fromkeys(shown))
         what = f" {self.what}" if self.what and self.what not in self.name else ""
         return f"{self.name}: {KINDS[self.kind]}{what} of {inside}; also held by {outside}"
 
@@ -158,18 +164,20 @@ class Report:
 class LeakError(StateError):
     """The tree shares resources with processes outside it."""
 
-    def __init__(self, root: int, leaks: Iterable[Leak], notes: Iterable[str] = ()) -> None:
+    def __init__(self, root: int, leaks: Iterable[Leak], notes: Iterable[str] = (),
+                 viewer: int = 0) -> None:
         self.leaks = tuple(leaks)
-        super().__init__(render(root, self.leaks, tuple(notes)))
+        super().__init__(render(root, self.leaks, tuple(notes), viewer))
 
 
-def render(root: int, leaks: tuple[Leak, ...], notes: tuple[str, ...] = ()) -> str:
+def render(root: int, leaks: tuple[Leak, ...], notes: tuple[str, ...] = (),
+           viewer: int = 0) -> str:
     """The message of a refusal: a headline, then indented, one per line,
     each leak, the notes and how to accept them (ckptctl prints the
     indented lines as a report under its one-line error)."""
     lines = [f"the tree of pid {root} shares {len(leaks)} resource"
              f"{'s' if len(leaks) != 1 else ''} with processes outside it"]
-    lines += [f"  {leak.line()}" for leak in leaks]
+    lines += [f"  {leak.line(viewer)}" for leak in leaks]
     lines += [f"  note: {n}" for n in notes]
     ok = sorted({leak.name for leak in leaks if leak.acceptable})
     if any(not leak.acceptable for leak in leaks):
@@ -199,7 +207,7 @@ class _Tree:
 
 def check(root: int, pids: list[int], files: list[image_pb2.Files], *,
           zombies: Collection[int] = (), ignore: Collection[int] = (),
-          accept: Collection[str] = ()) -> Report:
+          accept: Collection[str] = (), viewer: int = 0) -> Report:
     """Refuse (LeakError) unless every leak of the tree is accepted by name;
     a name that matches nothing is a UsageError (a typo would otherwise
     accept nothing and go unnoticed). Returns the report (accepted leaks)."""
@@ -218,7 +226,7 @@ def check(root: int, pids: list[int], files: list[image_pb2.Files], *,
                          + (f" (it shares: {', '.join(sorted(found))})" if found else ""),
                          pid=root)
     if refused:
-        raise LeakError(root, refused, report.notes)
+        raise LeakError(root, refused, report.notes, viewer)
     return report
 
 
@@ -407,3 +415,15 @@ def _comm(pid: int) -> str:
         return _read(f"{PROC}/{pid}/comm").strip()
     except OSError:
         return "gone"
+
+
+def _may_see(viewer: int, pid: int) -> bool:
+    """Whether a caller of uid ``viewer`` may be told about ``pid``: root
+    may; anyone else only about their own processes (an exited one is
+    nobody's)."""
+    if viewer == 0:
+        return True
+    try:
+        return os.stat(f"{PROC}/{pid}").st_uid == viewer
+    except OSError:
+        return False

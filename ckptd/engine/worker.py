@@ -129,6 +129,9 @@ def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:
         raise errors.UsageError(f"bad pid {pid!r}")
     ignore = req.get("ignore_pids") or []
     externals = req.get("externals") or []
+    viewer = req.get("viewer_uid", 0)
+    if not isinstance(viewer, int) or viewer < 0:
+        raise errors.UsageError(f"bad viewer uid {viewer!r}")
     if not all(isinstance(p, int) for p in ignore) or not all(isinstance(n, str)
                                                               for n in externals):
         raise errors.UsageError("ignore_pids must be pids and externals names")
@@ -136,7 +139,7 @@ def run_checkpoint(ctl: Control, req: dict[str, Any]) -> None:
     ignore = [*ignore, os.getpid()]
     with api.checkpointed(pid, out, cgroup=req.get("cgroup"), freezer=req.get("freezer"),
                           source=req.get("source"), progress=progress, ignore_pids=ignore,
-                          externals=externals) as cp:
+                          externals=externals, viewer=viewer) as cp:
         out.close()
         d = cp.dumped
         ctl.send({"dumped": {"bytes": d.bytes, "pages": d.pages, "tasks": d.tasks,

@@ -265,7 +265,7 @@ class Servicer(api_pb2_grpc.CkptdServicer):
             which = request.WhichOneof("target")
             if which == "id":
                 target = Target(container=self._owned(request.id, caller).id,
-                                externals=tuple(request.external))
+                                externals=tuple(request.external), viewer_uid=caller.uid)
             elif which == "pid":
                 if not caller.is_root:
                     raise PermissionError_("only root may checkpoint host processes by pid")

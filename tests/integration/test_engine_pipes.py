@@ -22,11 +22,12 @@ pytestmark = pytest.mark.root
 # A parent writes into a pipe its child reads: after the refused checkpoint
 # the child must still get what the parent sends.
 PIPE_TREE = r"""
-import os, sys, time
+import ctypes, os, sys, time
 ready, got = sys.argv[1], sys.argv[2]
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
+    ctypes.CDLL(None).prctl(1, 9)               # PR_SET_PDEATHSIG: dies with its parent
     os.close(w)
     data = os.read(r, 100)
     open(got, "w").write(data.decode())

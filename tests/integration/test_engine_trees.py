@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import wait_for, wait_gone
+from harness import kill_and_reap, tree_pids, wait_for, wait_gone
 from helpers import require_root
 from workloads.workloads import Workload, build
 
@@ -43,6 +43,15 @@ def tree_ids(root: int) -> set[tuple[int, int, int, int]]:
 def procfs_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _still_there(root: int) -> list[int]:
+    """The tree under ``root`` as it is now, for a cleanup that did not get
+    to list it (the root itself if even that fails)."""
+    try:
+        return tree_pids(root)
+    except OSError:
+        return [root]
 
 
 def _kill_tree(pid: int) -> None:
@@ -128,7 +137,7 @@ def test_zombies_in_a_container(daemon, tmp_short: Path) -> None:
 
 
 SHARING = r"""
-import mmap, os, sys, time
+import ctypes, mmap, os, sys, time
 what, path = sys.argv[1], sys.argv[2]
 if what == "memory":
     m = mmap.mmap(-1, 1 << 20)                  # MAP_SHARED | MAP_ANONYMOUS
@@ -139,9 +148,11 @@ else:
     fd = f.fileno()
 pid = os.fork()
 if pid == 0:
+    ctypes.CDLL(None).prctl(1, 9)               # PR_SET_PDEATHSIG: dies with its parent
     time.sleep(1000)
-with open(path + ".ready", "w") as r:
+with open(path + ".ready.tmp", "w") as r:
     r.write(str(fd))
+os.rename(path + ".ready.tmp", path + ".ready")   # whole, or not there
 time.sleep(1000)
 """
 
@@ -242,7 +253,7 @@ time.sleep(1000)
 """
 
 
-def test_a_tree_in_the_callers_process_group(tmp_path: Path, request) -> None:
+def test_a_tree_in_the_callers_process_group(tmp_path: Path) -> None:
     """A host tree started from a shell is in the shell's group: its root and
     the children that stayed in that group come back together in the group
     the restored root is in; a group made inside the tree comes back as it was."""
@@ -253,8 +264,10 @@ def test_a_tree_in_the_callers_process_group(tmp_path: Path, request) -> None:
     proc = subprocess.Popen([sys.executable, "-c", IN_OUR_GROUP, str(ready)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    pids: list[int] = []
     try:
         wait_for(ready.exists, 10, "the tree to start")
+        pids = tree_pids(proc.pid)       # none has a parent-death signal: all by pid
         before = tree_ids(proc.pid)
         assert len(before) == 3
         ours = os.getpgid(0)
@@ -265,13 +278,14 @@ def test_a_tree_in_the_callers_process_group(tmp_path: Path, request) -> None:
         wait_gone([p for p, *_ in before])
         with open(tmp_path / "image", "rb") as f:
             restored = api.restore(f)
-        request.addfinalizer(lambda: _kill_tree(restored.pid))
         after = tree_ids(restored.pid)
         root_group = os.getpgid(restored.pid)
         expect = {(p, pp, root_group if g == ours else g, s) for p, pp, g, s in before}
         assert after == expect
     finally:
-        _kill_tree(proc.pid)
+        for pid in reversed(pids or _still_there(proc.pid)):
+            kill_and_reap(pid)
+        proc.wait(5)
 
 
 ORPHAN_UNDER_A_SUBREAPER = r"""
@@ -303,7 +317,6 @@ def test_an_orphan_of_an_exited_session_under_a_subreaper_is_refused_at_checkpoi
     import subprocess
     import sys
     from ckptd.errors import UnsupportedError
-    from harness import tree_pids
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-c", ORPHAN_UNDER_A_SUBREAPER, str(ready)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -323,7 +336,7 @@ def test_an_orphan_of_an_exited_session_under_a_subreaper_is_refused_at_checkpoi
             with open(f"/proc/{pid}/status") as f:
                 assert "TracerPid:\t0\n" in f.read()
     finally:
-        for pid in reversed(pids or [proc.pid]):
+        for pid in reversed(pids or _still_there(proc.pid)):
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:

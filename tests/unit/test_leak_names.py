@@ -3,6 +3,8 @@ refused checkpoint prints: pure functions, no privilege."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ckptd.engine import leaks
@@ -80,3 +82,19 @@ def test_leak_error_is_a_wrong_state_and_keeps_context_on_its_first_line() -> No
     first, *rest = str(e).splitlines()
     assert first.endswith("outside it (pid=100)")
     assert rest[-1].endswith("--external file:/x")
+
+
+def test_a_caller_who_is_not_root_is_not_told_about_other_users_processes() -> None:
+    """Our own process (uid 0 here, or the test's uid) is named to root and
+    to its owner; to anyone else it is another user's."""
+    me = os.getpid()
+    leak = Leak(kind="file", name="file:/x", what="/x",
+                      inside=(Holder(pid=me, fd=3),),
+                      outside=(Holder(pid=me, fd=4), Holder(pid=me, fd=5)))
+    assert f"pid {me} fd 4" in leak.line(0)
+    assert f"pid {me} fd 4" in leak.line(os.getuid() or 0)
+    stranger = os.getuid() + 12345
+    line = leak.line(stranger)
+    assert f"pid {me} fd 4" not in line and f"fd 5" not in line
+    assert line.endswith(f"also held by {leaks.OTHER_USER}"), line   # said once
+    assert leaks.OTHER_USER in str(leaks.LeakError(1, (leak,), viewer=stranger))
