@@ -194,8 +194,10 @@ class ContainerManager:
         return 0
 
     def note(self, ref: str, text: str) -> None:
+        """A line for Status; not worth an fsync: lost to a power cut, the
+        container's state and exit status still say what happened."""
         with self._locked(ref) as entry:
-            self._update(entry, entry.record.with_note(text))
+            self._update(entry, entry.record.with_note(text), durable=False)
 
     def thaw_after_failure(self, ref: str) -> None:
         """Last resort after a failed checkpoint whose worker could not thaw."""
