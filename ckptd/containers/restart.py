@@ -16,7 +16,6 @@ itself and nothing is uploaded.
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import structlog
 
 from ckptd import errors
+from ckptd.containers.ahead import Put, read_ahead
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import ContainerInfo, Network
 from ckptd.containers.operations import Kind, Operations
@@ -164,39 +164,12 @@ def _received_ahead(chunks: Iterator[bytes | memoryview],
                     halt: threading.Event) -> Iterator[bytes | memoryview]:
     """``chunks``, pulled up to RECEIVE_AHEAD ahead by a thread of their own;
     their error is raised here. Stops pulling once ``halt`` is set or the
-    consumer is gone."""
-    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(RECEIVE_AHEAD)
-    gone = threading.Event()
-
-    def put(item: tuple[str, Any]) -> bool:
-        while not (gone.is_set() or halt.is_set()):
-            try:
-                ahead.put(item, timeout=RECEIVE_AHEAD_POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def receive() -> None:
-        try:
-            for chunk in chunks:
-                if not put(("data", chunk)):
-                    return
-            put(("end", None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(("failed", e))
-
-    receiver = threading.Thread(target=receive, name="restore-receiver", daemon=True)
-    receiver.start()
-    try:
-        while True:
-            kind, item = ahead.get()
-            if kind == "end":
+    consumer is gone. Not joined: the thread may be waiting for a message
+    that never comes (a stalled client); it ends at its next message or the
+    call's end."""
+    def receive(put: Put) -> None:
+        for chunk in chunks:
+            if not put(chunk):
                 return
-            if kind == "failed":
-                raise item
-            yield item
-    finally:
-        # Not joined: it may be waiting for a message that never comes (a
-        # stalled client); it ends at its next message or the call's end.
-        gone.set()
+    return read_ahead(receive, depth=RECEIVE_AHEAD, poll=RECEIVE_AHEAD_POLL,
+                      name="restore-receiver", halt=halt, join=False)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import select
 import selectors
 import signal
@@ -40,6 +39,7 @@ import structlog
 
 from ckptd import errors, logs
 from ckptd.containers.forks import ForkServer, ForkServerError, RequestRefused
+from ckptd.containers.ahead import Put, read_ahead
 from ckptd.containers.spares import Spares
 
 log = structlog.get_logger(__name__)
@@ -171,33 +171,10 @@ class Worker:
         """For a checkpoint: ("data", bytes) and ("control", message) as they
         come, until stdout ends; control messages after that come from receive().
         A thread reads them up to READ_AHEAD items ahead of the consumer."""
-        ahead: queue.Queue[tuple[str, Any]] = queue.Queue(READ_AHEAD)
-        stop = threading.Event()
-        reader = threading.Thread(target=self._read_events, args=(ahead, stop),
-                                  name="worker-read-ahead", daemon=True)
-        reader.start()
-        try:
-            while True:
-                kind, item = ahead.get()
-                if kind == "end":
-                    return
-                if kind == "failed":
-                    raise item
-                yield kind, item
-        finally:
-            stop.set()
-            reader.join()
+        return read_ahead(self._read_events, depth=READ_AHEAD, poll=READ_AHEAD_POLL,
+                          name="worker-read-ahead")
 
-    def _read_events(self, ahead: queue.Queue[tuple[str, Any]], stop: threading.Event) -> None:
-        def put(item: tuple[str, Any]) -> bool:
-            while not stop.is_set():
-                try:
-                    ahead.put(item, timeout=READ_AHEAD_POLL)
-                    return True
-                except queue.Full:
-                    continue
-            return False   # the consumer is gone: stop reading
-
+    def _read_events(self, put: Put) -> None:
         assert self.proc.stdout is not None
         out = self.proc.stdout.fileno()
         sel = selectors.DefaultSelector()
@@ -213,17 +190,12 @@ class Worker:
                     if key.data == "data":
                         data = os.read(out, CHUNK)
                         if not data:
-                            put(("end", None))
-                            return
+                            return    # stdout ended: the image is out
                         item = ("data", data)
                     else:
                         item = ("control", self.receive())
                     if not put(item):
-                        return
-                if stop.is_set():
-                    return
-        except Exception as e:  # noqa: BLE001 - raised again by events() in its caller
-            put(("failed", e))
+                        return    # the consumer is gone: stop reading
         finally:
             sel.close()
 
