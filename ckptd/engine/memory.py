@@ -17,6 +17,7 @@ shared.py says (one object, however many tasks map it).
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -47,9 +48,10 @@ UNSUPPORTED_VMFLAGS = {"io": "I/O mapping", "pf": "PFN mapping", "um": "userfaul
 # record overheads vanish (1 GiB = 64 slices), small enough to stay in cache-
 # friendly territory and not hold hundreds of MiB of worker memory.
 READ_SLICE = 16 << 20
-# Page records written into the task while the next is read: one is enough
-# for the two to overlap (see PageFiller).
-FILL_AHEAD = 1
+# Page records written into the task at once while the next is read: two,
+# so that two CPUs take the faults of the task's new pages (each costs a
+# host fault on a VM that reclaims freed memory: one writer alone waits).
+FILL_AHEAD = 2
 MAX_AUXV = 2 * 8 * 64           # AT_VECTOR_SIZE_BASE-ish bound the kernel checks too
 
 
@@ -375,8 +377,9 @@ class PageFiller:
         self.pid = pid
         self.vmas = {v.id: v for v in mm.vmas}
         self.bytes = 0
-        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-fill")
-        self._pending: futures.Future | None = None
+        self._pool = futures.ThreadPoolExecutor(max_workers=FILL_AHEAD,
+                                                thread_name_prefix="ckptd-fill")
+        self._pending: collections.deque[futures.Future] = collections.deque()
         self._objects: dict[int, int] = {}    # shmem id -> fd on the object
 
     def fill(self, rec: PageRecord) -> None:
@@ -397,12 +400,15 @@ class PageFiller:
                                  f"shared memory {v.shmem_id}", offset=rec.offset,
                                  record=f"#{rec.index} PAGES")
             fd = self._object_fd(v)
-        self.flush()
         self.bytes += rec.data.nbytes
         if rec.data.nbytes < ASYNC_FILL_MIN:
+            self.flush()
             mem.pwrite_exact(fd, rec.data, pos, self.pid)
             return
-        self._pending = self._pool.submit(mem.pwrite_exact, fd, rec.data, pos, self.pid)
+        # The reader reuses the buffer of the record FILL_AHEAD + 1 back.
+        while len(self._pending) >= FILL_AHEAD:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(mem.pwrite_exact, fd, rec.data, pos, self.pid))
 
     def _object_fd(self, v: image_pb2.Vma) -> int:
         fd = self._objects.get(v.shmem_id)
@@ -420,16 +426,21 @@ class PageFiller:
         return fd
 
     def flush(self) -> None:
-        """Wait for the write in flight; raises its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Wait for the writes in flight; raises the first one's error."""
+        first: BaseException | None = None
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except BaseException as e:   # noqa: BLE001 - every write waited for, first error raised
+                first = first or e
+        if first is not None:
+            raise first
 
     def close(self) -> None:
         """End the writer thread once its write is over; never raises (a
         failed write was reported by ``flush``, or is moot on abort)."""
         self._pool.shutdown(wait=True)
-        self._pending = None
+        self._pending.clear()
         for fd in self._objects.values():
             os.close(fd)
         self._objects.clear()
