@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
+from ckptd.engine import imagefile
 from ckptd.engine.dump import Dumped, DumpSession, Progress
 from ckptd.engine.restore import Restored
 from ckptd.engine.restore import restore as _restore
@@ -48,13 +49,20 @@ def checkpointed(pid: int, sink, *, cgroup: str | None = None, freezer: str | No
     session = DumpSession(pid, cgroup=cgroup, freezer=freezer, ignore_pids=ignore_pids,
                           externals=externals, viewer=viewer)
     cp: Checkpoint | None = None
+    prepared: imagefile.Prepared | None = None
     try:
         with context(pid=pid):
-            session.start()
-            if progress:
-                progress("collecting", 0, 0)
-            session.collect(source)
-            cp = Checkpoint(session, session.write(sink, progress))
+            # While the tree still runs: what it saves is frozen time.
+            prepared = imagefile.prepare(sink, pid, progress)
+            try:
+                session.start()
+                if progress:
+                    progress("collecting", 0, 0)
+                session.collect(source)
+                cp = Checkpoint(session, session.write(sink, progress))
+            finally:
+                if prepared is not None:
+                    prepared.trim(sink)   # to the image's end, or its start on failure
         yield cp
     finally:
         if cp is None or cp.frozen_ms is None:

@@ -1,0 +1,130 @@
+"""The image file readied before the freeze (ckptd/engine/imagefile.py): a
+read-write file on tmpfs is sized and faulted in while the tree runs, then
+cut back to exactly the image, also when the dump fails; other files are
+written as they come. The prepared image restores a process that checks
+every one of its pages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import kill_and_reap, wait_for
+from helpers import require_root
+from workloads.workloads import Workload
+
+from ckptd import errors
+from ckptd.engine import api, imagefile
+from ckptd.image import ImageReader
+from ckptd.kernel import prefault
+
+pytestmark = pytest.mark.root
+
+MIB = 96          # above imagefile.MIN_PREFAULT
+PREPARING = "preparing the image file"
+
+
+@pytest.fixture
+def shm_image():
+    path = Path(f"/dev/shm/ckptd-test-image-{os.getpid()}")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _open(path: Path, flags: int = os.O_RDWR):
+    return os.fdopen(os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def test_prepared_tmpfs_image_is_exact_and_restores(tmp_path: Path, shm_image: Path,
+                                                      request) -> None:
+    require_root()
+    phases: list[tuple[str, int]] = []
+    with Workload.start("mem1g", tmp_path / "wl", args=(str(MIB),)) as w:
+        w.wait_ready()
+        with _open(shm_image) as f:
+            dumped = api.checkpoint(w.pid, f, kill=True,
+                                    progress=lambda phase, done, total: phases.append((phase, total)))
+        assert phases[0][0] == PREPARING
+        assert phases[0][1] >= MIB << 20, "sized for the tree's memory"
+        # Cut back to the image: nothing of the prepared size is left after it.
+        assert shm_image.stat().st_size == dumped.bytes
+        with open(shm_image, "rb") as f:
+            ImageReader(f).verify()
+        w.reap()
+        with open(shm_image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: kill_and_reap(restored.pid))
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_refused_dump_leaves_the_prepared_file_empty(tmp_path: Path, shm_image: Path) -> None:
+    require_root()
+    # Enough memory to be prepared for, and a socket the engine refuses.
+    ready = tmp_path / "ready"
+    code = (f"import socket, sys, time; b = bytearray(b'x') * ({MIB} << 20); "
+            "s = socket.socket(); open(sys.argv[1], 'w').close(); time.sleep(1000)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ready)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_for(ready.exists, 30, "the socket holder to be ready")
+        phases: list[str] = []
+        with _open(shm_image) as f:
+            with pytest.raises(errors.CkptdError, match="socket"):
+                api.checkpoint(proc.pid, f, kill=True,
+                               progress=lambda phase, done, total: phases.append(phase))
+        assert phases[0] == PREPARING
+        assert shm_image.stat().st_size == 0, "the prepared size is cut back on failure"
+        assert proc.poll() is None, "a refused checkpoint leaves the process running"
+    finally:
+        kill_and_reap(proc.pid)
+
+
+def test_write_only_file_is_not_prepared(tmp_path: Path, shm_image: Path, request) -> None:
+    require_root()
+    phases: list[str] = []
+    with Workload.start("mem1g", tmp_path / "wl", args=(str(MIB),)) as w:
+        w.wait_ready()
+        with _open(shm_image, os.O_WRONLY) as f:
+            dumped = api.checkpoint(w.pid, f, kill=False,
+                                    progress=lambda phase, done, total: phases.append(phase))
+        assert PREPARING not in phases
+        assert shm_image.stat().st_size == dumped.bytes
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_only_fresh_read_write_tmpfs_files_of_large_trees_are_prepared(
+        tmp_path: Path, shm_image: Path) -> None:
+    require_root()
+    with Workload.start("mem1g", tmp_path / "wl", args=(str(MIB),)) as w:
+        w.wait_ready()
+        assert imagefile.tree_memory(w.pid) >= MIB << 20
+        with _open(tmp_path / "on-disk") as f:
+            if not prefault.is_tmpfs(f.fileno()):   # pytest's tmp_path is on disk here
+                assert imagefile.prepare(f, w.pid) is None
+        with _open(shm_image, os.O_RDWR | os.O_APPEND) as f:
+            assert imagefile.prepare(f, w.pid) is None
+        shm_image.unlink()
+        with _open(shm_image) as f:
+            f.write(b"kept")
+            f.flush()
+            os.lseek(f.fileno(), 0, os.SEEK_SET)   # bytes past the position: not ours to size
+            assert imagefile.prepare(f, w.pid) is None
+        assert shm_image.read_bytes() == b"kept"
+        w.go()
+        assert w.result() == "PASS", w.output()
+    proc = subprocess.Popen(["sleep", "1000"])
+    try:
+        wait_for(lambda: Path(f"/proc/{proc.pid}/exe").exists(), 5, "sleep started")
+        assert imagefile.tree_memory(proc.pid) < imagefile.MIN_PREFAULT
+        shm_image.unlink()
+        with _open(shm_image) as f:
+            assert imagefile.prepare(f, proc.pid) is None
+        assert shm_image.stat().st_size == 0
+    finally:
+        kill_and_reap(proc.pid)
