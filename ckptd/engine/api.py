@@ -59,14 +59,19 @@ def checkpointed(pid: int, sink, *, cgroup: str | None = None, freezer: str | No
                 if progress:
                     progress("collecting", 0, 0)
                 session.collect(source)
-                cp = Checkpoint(session, session.write(sink, progress))
+                out = prepared.sink if prepared is not None else sink
+                cp = Checkpoint(session, session.write(out, progress))
             finally:
                 if prepared is not None:
-                    prepared.trim(sink)   # to the image's end, or its start on failure
+                    prepared.trim()   # to the image's end, or as far as a failed one got
         yield cp
     finally:
-        if cp is None or cp.frozen_ms is None:
-            session.finish(kill=False)   # failed or never finished: resume untouched
+        try:
+            if cp is None or cp.frozen_ms is None:
+                session.finish(kill=False)   # failed or never finished: resume untouched
+        finally:
+            if prepared is not None:
+                prepared.close()   # once the tree runs again: unmapping 1 GiB takes ~30 ms
 
 
 def checkpoint(pid: int, sink, *, kill: bool = False, **kwargs: Any) -> Dumped:

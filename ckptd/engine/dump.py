@@ -398,38 +398,41 @@ class DumpSession:
         page_total = (sum(memory.page_bytes(c["spans"]) for c in self.collected)
                       + self.linked.bytes)
         writer = ImageWriter(sink)
-        origin = self.origin
-        assert origin is not None
-        header = new_header(container_id=origin.container_id,
-                            container_name=origin.container_name, pid=self.pid)
-        writer.write_header(header)
-        writer.write_message(RecordType.RECORD_TYPE_ORIGIN, origin)
-        for c in self.collected:
-            writer.write_message(RecordType.RECORD_TYPE_TASK, c["task"])
-            writer.write_message(RecordType.RECORD_TYPE_MM, c["mm"])
-            writer.write_message(RecordType.RECORD_TYPE_FILES, c["files"])
-            for d in c["file_data"]:
-                writer.write_message(RecordType.RECORD_TYPE_FILE_DATA, d)
-        for z in self.zombie_tasks:
-            writer.write_message(RecordType.RECORD_TYPE_TASK, z)
-        meta = writer.bytes_written
-        total = meta + page_total
-        if progress:
-            progress("memory", meta, total)
-        last = [0.0]
-        before = [0]
+        # On failure too the writer's checksum thread must be done with the
+        # sink (it may be filling a prepared file's mapping) before we return.
+        with writer:
+            origin = self.origin
+            assert origin is not None
+            header = new_header(container_id=origin.container_id,
+                                container_name=origin.container_name, pid=self.pid)
+            writer.write_header(header)
+            writer.write_message(RecordType.RECORD_TYPE_ORIGIN, origin)
+            for c in self.collected:
+                writer.write_message(RecordType.RECORD_TYPE_TASK, c["task"])
+                writer.write_message(RecordType.RECORD_TYPE_MM, c["mm"])
+                writer.write_message(RecordType.RECORD_TYPE_FILES, c["files"])
+                for d in c["file_data"]:
+                    writer.write_message(RecordType.RECORD_TYPE_FILE_DATA, d)
+            for z in self.zombie_tasks:
+                writer.write_message(RecordType.RECORD_TYPE_TASK, z)
+            meta = writer.bytes_written
+            total = meta + page_total
+            if progress:
+                progress("memory", meta, total)
+            last = [0.0]
+            before = [0]
 
-        def page_progress(done: int) -> None:
-            now = time.monotonic()
-            if progress and now - last[0] > 0.1:
-                last[0] = now
-                progress("memory", meta + before[0] + done, total)
+            def page_progress(done: int) -> None:
+                now = time.monotonic()
+                if progress and now - last[0] > 0.1:
+                    last[0] = now
+                    progress("memory", meta + before[0] + done, total)
 
-        for c in self.collected:
-            memory.write_pages(c["pid"], c["spans"], writer, page_progress)
-            before[0] += memory.page_bytes(c["spans"])
-        shared.write_object_pages(self.linked.spans, writer, page_progress)
-        writer.close()
+            for c in self.collected:
+                memory.write_pages(c["pid"], c["spans"], writer, page_progress)
+                before[0] += memory.page_bytes(c["spans"])
+            shared.write_object_pages(self.linked.spans, writer, page_progress)
+            writer.close()
         dumped = Dumped(bytes=writer.bytes_written, pages=page_total // memory.PAGE,
                         frozen_ms=(time.monotonic() - self.frozen_at) * 1000,
                         dump_ms=(time.monotonic() - started) * 1000,

@@ -3,8 +3,9 @@
 What a checkpoint costs its processes is the time they stay frozen. Writing a
 large image into a new tmpfs file spends most of that time allocating and
 first touching the file's pages (kernel/prefault.py): so, while the tree
-still runs, the file is given the size the image is expected to reach and
-its pages are faulted in from every CPU. The frozen write then only copies.
+still runs, the file is given the size the image is expected to reach, and
+its pages are faulted in from every CPU and kept mapped. The frozen dump
+then reads the task's pages straight into the mapping (MappedSink.take).
 The file is cut back to what was written at the end, whether the dump
 succeeded or not. Anything but a fresh read-write tmpfs file is left alone.
 """
@@ -34,25 +35,71 @@ KEEP_FREE = 64 << 20
 SLACK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Prepared:
-    fd: int
-    start: int       # where the image begins in the file
-    size: int        # how long the file was made
+class MappedSink:
+    """The image sink over a prepared file: bytes are stored into its
+    mapping, page data is read into it in place (``take``); what goes past
+    the prepared size is written to the file at its place."""
 
-    def trim(self, sink: Any) -> None:
-        """Cut the file back to the end of what was written into it."""
+    def __init__(self, fd: int, start: int, view: memoryview) -> None:
+        self.fd = fd
+        self.start = start
+        self._view = view
+        self.pos = 0
+
+    def write(self, data: Any) -> int:
+        data = memoryview(data).cast("B")
+        room = max(0, min(data.nbytes, self._view.nbytes - self.pos))
+        self._view[self.pos:self.pos + room] = data[:room]
+        at = room
+        while at < data.nbytes:
+            at += os.pwrite(self.fd, data[at:], self.start + self.pos + at)
+        self.pos += data.nbytes
+        return data.nbytes
+
+    def take(self, n: int) -> memoryview | None:
+        if self.pos + n > self._view.nbytes:
+            return None
+        self.pos += n
+        return self._view[self.pos - n:self.pos]
+
+    def flush(self) -> None:
+        pass   # a shared mapping: the stores are the file's already
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class Prepared:
+    """A file readied for an image: sized, its pages faulted in and mapped."""
+
+    def __init__(self, fd: int, start: int, mapping: prefault.FileMapping) -> None:
+        self.fd = fd
+        self.start = start
+        self.size = mapping.length
+        self._mapping = mapping
+        self._view: memoryview | None = mapping.view()
+        self.sink = MappedSink(fd, start, self._view)
+
+    def trim(self) -> None:
+        """Cut the file back to the end of what was written into it, and
+        leave its position there (where a stream's reader expects it)."""
+        end = self.start + self.sink.pos
         try:
-            sink.flush()
-        except (OSError, ValueError):
-            pass   # a failed or closed sink: its position below still tells the truth
-        try:
-            end = os.lseek(self.fd, 0, os.SEEK_CUR)
+            os.lseek(self.fd, end, os.SEEK_SET)
             if os.fstat(self.fd).st_size > end:
                 os.ftruncate(self.fd, end)
         except OSError as e:
             # Raised from a finally: must not hide the dump's own error.
             log.error("image_file_not_trimmed", error=str(e), size=self.size)
+
+    def close(self) -> None:
+        """Unmap (after trim; tearing the mapping down takes a while, so this
+        can wait until the tree runs again)."""
+        if self._view is not None:
+            self.sink._view = memoryview(b"")
+            self._view.release()
+            self._view = None
+        self._mapping.close()
 
 
 def prepare(sink: Any, pid: int, progress: Callable[[str, int, int], None] | None = None
@@ -70,16 +117,20 @@ def prepare(sink: Any, pid: int, progress: Callable[[str, int, int], None] | Non
     began = time.monotonic()
     if progress:
         progress("preparing the image file", 0, want)
+    mapping: prefault.FileMapping | None = None
     try:
         os.ftruncate(fd, start + want)
-        prefault.populate(fd, start, want, len(os.sched_getaffinity(0)))
+        mapping = prefault.FileMapping(fd, start, want)
+        mapping.populate(len(os.sched_getaffinity(0)))
     except OSError as e:
         # Only a head start: the write allocates its own pages without it.
         log.info("image_file_not_prepared", error=str(e))
+        if mapping is not None:
+            mapping.close()
         os.ftruncate(fd, start)
         return None
     log.debug("image_file_prepared", bytes=want, ms=round((time.monotonic() - began) * 1000, 1))
-    return Prepared(fd, start, want)
+    return Prepared(fd, start, mapping)
 
 
 def tree_memory(pid: int) -> int:

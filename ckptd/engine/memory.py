@@ -213,24 +213,28 @@ def _page_spans(pid: int, vmas: list[tuple[image_pb2.Vma, proctask.SmapsVma]]
 
 def write_pages(pid: int, spans: list[PageSpan], writer: ImageWriter,
                 progress: Callable[[int], None] | None = None) -> int:
-    """Copy every span into the image; the page bytes written."""
+    """Copy every span into the image; the page bytes written. Where the
+    image's sink lends room (a prepared file, imagefile.py) the pages go
+    straight from the task into it; else through one reused buffer."""
     total = 0
-    buf = bytearray(min(READ_SLICE, max((s.end - s.start for s in spans), default=0)))
-    view = memoryview(buf)
+    buf: memoryview | None = None
     memfd = -1
     try:
         for span in spans:
             addr = span.start
             while addr < span.end:
                 n = min(READ_SLICE, span.end - addr)
-                part = view[:n]
-                got = mem.read_into(pid, addr, part) if span.readable else 0
-                if got < n:
-                    # Not readable (PROT_NONE) or partly: /proc/PID/mem forces it.
-                    if memfd < 0:
-                        memfd = mem.open_mem(pid)
-                    mem.pread_exact(memfd, part[got:], addr + got, pid)
-                writer.write_pages(addr, part, span.vma_id)
+                slots = writer.page_slots(addr, n, span.vma_id)
+                if slots is not None:
+                    memfd = _read_pages(pid, addr, slots.data, span.readable, memfd)
+                    writer.seal_pages(slots)
+                else:
+                    if buf is None:
+                        longest = max(s.end - s.start for s in spans)
+                        buf = memoryview(bytearray(min(READ_SLICE, longest)))
+                    part = buf[:n]
+                    memfd = _read_pages(pid, addr, [part], span.readable, memfd)
+                    writer.write_pages(addr, part, span.vma_id)
                 addr += n
                 total += n
                 if progress is not None:
@@ -239,6 +243,23 @@ def write_pages(pid: int, spans: list[PageSpan], writer: ImageWriter,
         if memfd >= 0:
             os.close(memfd)
     return total
+
+
+def _read_pages(pid: int, addr: int, bufs: list[memoryview], readable: bool, memfd: int) -> int:
+    """Fill ``bufs`` with the task's bytes from ``addr`` on; the /proc/PID/mem
+    descriptor, opened here the first time one is needed (else -1)."""
+    got = mem.read_scatter(pid, addr, bufs) if readable else 0
+    for buf in bufs:
+        if got >= buf.nbytes:
+            got -= buf.nbytes
+        else:
+            # Not readable (PROT_NONE) or partly: /proc/PID/mem forces it.
+            if memfd < 0:
+                memfd = mem.open_mem(pid)
+            mem.pread_exact(memfd, buf[got:], addr + got, pid)
+            got = 0
+        addr += buf.nbytes
+    return memfd
 
 
 def page_bytes(spans: list[PageSpan]) -> int:

@@ -7,9 +7,11 @@ then the caller's buffer itself. The trailer is written only by a clean
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from collections import Counter
 from concurrent import futures
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, cast
 
@@ -32,6 +34,26 @@ class Sink(Protocol):
     def write(self, data: Bytes, /) -> int | None: ...
 
 
+class LendingSink(Sink, Protocol):
+    """A sink that can lend the next bytes of the stream to be filled in place
+    (a mapped file): page data then goes from the task straight into it."""
+
+    def take(self, n: int, /) -> memoryview | None:
+        """The next ``n`` bytes of the stream, now written as far as the
+        position goes; None if they cannot be lent (write them instead)."""
+
+
+@dataclass(frozen=True)
+class PageSlots:
+    """Room lent by the sink for the page records of one range: fill each of
+    ``data`` (the records' data, in address order), then ``seal_pages``."""
+
+    vaddr: int
+    vma_id: int
+    data: list[memoryview]
+    heads: list[memoryview]   # each record's header and page header, written at sealing
+
+
 class ImageWriter:
     """Write one image to ``sink``: ``write_header``, records, ``close``.
 
@@ -49,6 +71,7 @@ class ImageWriter:
         self._started = False
         self._closed = False
         self._pool: futures.ThreadPoolExecutor | None = None
+        self._sealing: collections.deque[futures.Future] = collections.deque()
 
     @property
     def bytes_written(self) -> int:
@@ -135,6 +158,43 @@ class ImageWriter:
             # Never return while the pool still reads the caller's buffer.
             futures.wait([pending])
 
+    def page_slots(self, vaddr: int, nbytes: int, vma_id: int = 0) -> PageSlots | None:
+        """Room in the sink itself for the page records of [vaddr, vaddr +
+        nbytes), cut as ``write_pages`` cuts them; None if the sink lends no
+        room (then ``write_pages``). The stream is unreadable until
+        ``seal_pages`` has been called on them."""
+        take = getattr(self._sink, "take", None)
+        if take is None or nbytes <= 0:
+            return None
+        self._check_started()   # not _check_open: sealing runs on meanwhile
+        try:
+            fmt.check_range(vaddr, nbytes)
+            fmt.check_u64(vma_id)
+        except ValueError as e:
+            raise BugError(f"bad page range: {e}") from e
+        step = fmt.PAGE_RECORD_DATA
+        head = fmt.RECORD_HEADER_SIZE + fmt.PAGE_HEADER.size
+        sizes = [min(step, nbytes - at) for at in range(0, nbytes, step)]
+        room = take(head * len(sizes) + nbytes)
+        if room is None:
+            return None
+        data, heads, at = [], [], 0
+        for n in sizes:
+            heads.append(room[at:at + head])
+            data.append(room[at + head:at + head + n])
+            at += head + n
+        return PageSlots(vaddr, vma_id, data, heads)
+
+    def seal_pages(self, slots: PageSlots) -> None:
+        """Checksum the filled records of ``slots`` and write their headers,
+        on the writer's thread: the caller fills the next slots meanwhile.
+        The slots' memory must stay valid until the writer is closed."""
+        self._check_started()
+        self._sealing.append(self._crc_pool().submit(self._seal, slots))
+        # One sealing behind the caller is all the overlap there is to have.
+        while len(self._sealing) > 1:
+            self._sealing.popleft().result()
+
     def close(self) -> None:
         """Write the trailer. Idempotent; the sink is the caller's to close."""
         if self._closed:
@@ -166,14 +226,34 @@ class ImageWriter:
         else:
             # No trailer: the reader must see this image as incomplete.
             self._closed = True
+            self._sealing.clear()   # the pool's shutdown below waits for them
             self._shutdown_pool()
             log.warning("image_abandoned", bytes=self._bytes_written, error=repr(exc))
 
     def _check_open(self) -> None:
+        self._check_started()
+        # Whatever comes next goes after the sealed pages, in the digest too.
+        while self._sealing:
+            self._sealing.popleft().result()
+
+    def _check_started(self) -> None:
         if not self._started:
             raise BugError("image header must be written first")
         if self._closed:
             raise BugError("image already closed")
+
+    def _seal(self, slots: PageSlots) -> None:
+        vaddr = slots.vaddr
+        for data, head in zip(slots.data, slots.heads):
+            crc = _page_crc(vaddr, slots.vma_id, data)
+            length = fmt.PAGE_HEADER.size + data.nbytes
+            header = fmt.RecordHeader(registry.PAGES, fmt.Compression.NONE, length, crc).pack()
+            head[:fmt.RECORD_HEADER_SIZE] = header
+            head[fmt.RECORD_HEADER_SIZE:] = fmt.PAGE_HEADER.pack(vaddr, slots.vma_id)
+            self._account(registry.PAGES, header, length)
+            self._page_bytes += data.nbytes
+            self._bytes_written += fmt.RECORD_HEADER_SIZE + length
+            vaddr += data.nbytes
 
     def _write_page_record(self, vaddr: int, vma_id: int, data: memoryview, crc: int) -> None:
         length = fmt.PAGE_HEADER.size + data.nbytes

@@ -129,6 +129,27 @@ def read_into(pid: int, addr: int, buf: memoryview) -> int:
     return n
 
 
+def read_scatter(pid: int, addr: int, bufs: list[memoryview]) -> int:
+    """process_vm_readv of the bytes from ``addr`` on into ``bufs`` in turn
+    (one call); bytes read, which stop short at the first unreadable page."""
+    local = (Iovec * len(bufs))()
+    held = []
+    for i, buf in enumerate(bufs):
+        cbuf = (ctypes.c_char * buf.nbytes).from_buffer(buf)
+        held.append(cbuf)
+        local[i] = Iovec(ctypes.addressof(cbuf), buf.nbytes)
+    total = sum(b.nbytes for b in bufs)
+    remote = Iovec(addr, total)
+    n = libc().syscall(ctypes.c_long(SYS_PROCESS_VM_READV), ctypes.c_long(pid),
+                        local, ctypes.c_ulong(len(bufs)), ctypes.byref(remote),
+                        ctypes.c_ulong(1), ctypes.c_ulong(0))
+    del held
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_readv at {addr:#x} failed: {os.strerror(err)}", pid)
+    return n
+
+
 def open_mem(pid: int, write: bool = False) -> int:
     return os.open(f"/proc/{pid}/mem", (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
 

@@ -50,32 +50,51 @@ def is_tmpfs(fd: int) -> bool:
     return buf.f_type == TMPFS_MAGIC
 
 
-def populate(fd: int, offset: int, length: int, threads: int) -> None:
-    """Fault in [offset, offset + length) of the file behind ``fd`` (opened
-    read-write, at least that long) as written pages, ``threads`` at a time.
-    Contents already there are kept; holes become zero pages."""
-    if length <= 0:
-        return
-    c = _bind()
-    # mmap wants a page-aligned offset.
-    skew = offset % os.sysconf("SC_PAGE_SIZE")
-    span = length + skew
-    addr = c.mmap(None, span, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset - skew)
-    if addr in (None, MAP_FAILED):
-        raise OSError(ctypes.get_errno(), "mmap of the image file failed", fd)
-    failures: list[OSError] = []
+class FileMapping:
+    """A shared read-write mapping of [offset, offset + length) of a file.
 
-    def work(first: int) -> None:
-        for at in range(first * STEP, span, STEP * threads):
-            if failures:
-                return
-            if c.madvise(addr + at, min(STEP, span - at), MADV_POPULATE_WRITE) != 0:
-                failures.append(OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_WRITE) "
-                                        "of the image file failed", fd))
-                return
+    Bytes stored through ``view()`` are the file's. ``populate`` faults the
+    pages in; while the mapping lives their page table entries stay, so the
+    stores (and process_vm_readv into it) take no fault. ``close`` unmaps;
+    no view may be used after it."""
 
-    try:
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        if length <= 0:
+            raise ValueError(f"nothing to map ({length} bytes)")
+        self._c = _bind()
+        self.fd = fd
+        self.length = length
+        self._skew = offset % os.sysconf("SC_PAGE_SIZE")   # mmap wants an aligned offset
+        self._span = length + self._skew
+        base = self._c.mmap(None, self._span, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                            offset - self._skew)
+        if base in (None, MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "mmap of the image file failed", fd)
+        self._base: int | None = base
+        self.address = base + self._skew
+
+    def view(self) -> memoryview:
+        if self._base is None:
+            raise ValueError("the mapping is closed")
+        return memoryview((ctypes.c_char * self.length).from_address(self.address)).cast("B")
+
+    def populate(self, threads: int) -> None:
+        """Fault every page in as written, ``threads`` at a time. Contents
+        already there are kept; holes become zero pages."""
+        assert self._base is not None
+        base, span, c = self._base, self._span, self._c
         n = max(1, min(threads, MAX_THREADS))
+        failures: list[OSError] = []
+
+        def work(first: int) -> None:
+            for at in range(first * STEP, span, STEP * n):
+                if failures:
+                    return
+                if c.madvise(base + at, min(STEP, span - at), MADV_POPULATE_WRITE) != 0:
+                    failures.append(OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_WRITE)"
+                                            " of the image file failed", self.fd))
+                    return
+
         helpers = [threading.Thread(target=work, args=(k,), name=f"ckptd-prefault-{k}")
                    for k in range(1, n)]
         for t in helpers:
@@ -83,7 +102,22 @@ def populate(fd: int, offset: int, length: int, threads: int) -> None:
         work(0)
         for t in helpers:
             t.join()
+        if failures:
+            raise failures[0]
+
+    def close(self) -> None:
+        if self._base is not None:
+            self._c.munmap(self._base, self._span)
+            self._base = None
+
+
+def populate(fd: int, offset: int, length: int, threads: int) -> None:
+    """Fault in [offset, offset + length) of the file behind ``fd`` (opened
+    read-write, at least that long), ``threads`` at a time (FileMapping)."""
+    if length <= 0:
+        return
+    m = FileMapping(fd, offset, length)
+    try:
+        m.populate(threads)
     finally:
-        c.munmap(addr, span)
-    if failures:
-        raise failures[0]
+        m.close()

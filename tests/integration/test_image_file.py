@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import kill_and_reap, wait_for
+from harness import RESTORE_VIEW_IGNORE, kill_and_reap, tree_pids, wait_for, wait_gone
 from helpers import require_root
-from workloads.workloads import Workload
+from workloads.workloads import Workload, compare_views, outside_view
 
 from ckptd import errors
-from ckptd.engine import api, imagefile
+from ckptd.engine import api, imagefile, memory
 from ckptd.image import ImageReader
 from ckptd.kernel import prefault
 
@@ -126,5 +126,65 @@ def test_only_fresh_read_write_tmpfs_files_of_large_trees_are_prepared(
         with _open(shm_image) as f:
             assert imagefile.prepare(f, proc.pid) is None
         assert shm_image.stat().st_size == 0
+    finally:
+        kill_and_reap(proc.pid)
+
+
+@pytest.mark.parametrize("name", ["memory", "sharing"])
+def test_small_workloads_through_a_prepared_file(name: str, tmp_path: Path, shm_image: Path,
+                                                  request, monkeypatch) -> None:
+    """Every kind of memory (PROT_NONE and read-only pages read through
+    /proc/PID/mem, shared objects, file-backed private pages) read in place
+    into the prepared mapping restores as well as through a plain file."""
+    require_root()
+    monkeypatch.setattr(imagefile, "MIN_PREFAULT", 0)   # prepare even a small tree
+    phases: list[str] = []
+    with Workload.start(name, tmp_path / "wl") as w:
+        w.wait_ready()
+        pids = tree_pids(w.pid)
+        views = [outside_view(p) for p in pids]
+        with _open(shm_image) as f:
+            dumped = api.checkpoint(w.pid, f, kill=True,
+                                    progress=lambda phase, done, total: phases.append(phase))
+        assert phases[0] == PREPARING
+        assert shm_image.stat().st_size == dumped.bytes
+        w.reap()
+        wait_gone(pids)
+        with open(shm_image, "rb") as f:
+            restored = api.restore(f)
+        request.addfinalizer(lambda: kill_and_reap(restored.pid))
+        assert tree_pids(w.pid) == pids
+        for pid, before in zip(pids, views):
+            assert compare_views(before, outside_view(pid), RESTORE_VIEW_IGNORE) == [], pid
+        w.go()
+        assert w.result() == "PASS", w.output()
+
+
+def test_read_pages_fills_scattered_views_across_an_unreadable_page() -> None:
+    """process_vm_readv stops at a PROT_NONE page; the rest of that view and
+    every later one come from /proc/PID/mem, each byte at its address."""
+    require_root()
+    import mmap as mmap_mod
+    page = mmap_mod.PAGESIZE
+    code = ("import ctypes, mmap, sys, time\n"
+            f"m = mmap.mmap(-1, 3 * {page})\n"
+            f"for i in range(3): m[i * {page}:(i + 1) * {page}] = bytes([65 + i]) * {page}\n"
+            "a = ctypes.addressof(ctypes.c_char.from_buffer(m))\n"
+            f"assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(a + {page}), {page}, 0) == 0\n"
+            "print(a, flush=True)\n"
+            "time.sleep(1000)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        addr = int(proc.stdout.readline())
+        buf = bytearray(3 * page)
+        view = memoryview(buf)
+        cuts = [view[:page // 2], view[page // 2:page + 100], view[page + 100:]]
+        memfd = memory._read_pages(proc.pid, addr, cuts, True, -1)
+        try:
+            assert memfd >= 0, "the unreadable page was read through /proc/PID/mem"
+        finally:
+            os.close(memfd)
+        assert buf == b"A" * page + b"B" * page + b"C" * page
     finally:
         kill_and_reap(proc.pid)

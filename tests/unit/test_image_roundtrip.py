@@ -271,3 +271,73 @@ def test_inspect_image_is_json_and_complete() -> None:
 def test_inspect_rejects_garbage() -> None:
     with pytest.raises(ImageError, match="wrong magic"):
         inspect_image(io.BytesIO(b"definitely not a ckptd image"))
+
+
+class LendingBuffer:
+    """A sink that lends the first ``room`` bytes of its buffer (as a mapped
+    file does) and takes plain writes after that."""
+
+    def __init__(self, room: int) -> None:
+        self.buf = bytearray(room)
+        self.pos = 0
+        self.tail = bytearray()
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        fit = max(0, min(data.nbytes, len(self.buf) - self.pos))
+        self.buf[self.pos:self.pos + fit] = data[:fit]
+        self.tail += data[fit:]
+        self.pos += data.nbytes
+        return data.nbytes
+
+    def take(self, n: int):
+        if self.pos + n > len(self.buf):
+            return None
+        self.pos += n
+        return memoryview(self.buf)[self.pos - n:self.pos]
+
+    def getvalue(self) -> bytes:
+        return bytes(self.buf[:min(self.pos, len(self.buf))]) + bytes(self.tail)
+
+
+@pytest.mark.parametrize("room", [0, 3 * STEP, 64 * STEP])
+def test_pages_filled_in_place_are_the_same_image(room: int) -> None:
+    """page_slots + seal_pages make the bytes write_pages would, and the
+    writer falls back to writing where the sink lends no more room."""
+    blobs = [os.urandom(n) for n in (1, 4096, STEP, 2 * STEP + 7, 4 * STEP)]
+
+    def build(w: ImageWriter, lend: bool) -> None:
+        w.write_message(TEST_TYPE, image_pb2.ImageSource(container_id="first", pid=1))
+        for i, blob in enumerate(blobs):
+            slots = w.page_slots(0x10_0000 * (i + 1), len(blob), vma_id=i) if lend else None
+            if slots is None:
+                w.write_pages(0x10_0000 * (i + 1), blob, vma_id=i)
+                continue
+            at = 0
+            for view in slots.data:
+                view[:] = blob[at:at + view.nbytes]
+                at += view.nbytes
+            w.seal_pages(slots)
+
+    expected = write(lambda w: build(w, False))
+    sink = LendingBuffer(room)
+    with ImageWriter(sink) as writer:
+        writer.write_header(new_header(container_id="c1", pid=7, labels={"app": "web"}))
+        build(writer, True)
+    written = writer.bytes_written
+    got = sink.getvalue()
+    # The header's creation time differs; every record and length is the same.
+    assert len(got) == len(expected) == written
+    assert read_all(got)[1] == read_all(expected)[1]
+    pages: dict[int, bytes] = {}
+    for r in read_all(got)[1]:
+        if r[0] == "pages":
+            pages[r[2]] = pages.get(r[2], b"") + r[3]
+    assert [pages[i] for i in range(len(blobs))] == blobs
+
+
+def test_a_sink_that_lends_nothing_gets_no_slots() -> None:
+    out = io.BytesIO()
+    with ImageWriter(out) as w:
+        w.write_header(new_header(container_id="c1", pid=7))
+        assert w.page_slots(0x1000, 4096) is None
