@@ -94,6 +94,7 @@ class DumpSession:
         self.procs: list[_Proc] = []  # parents before children, the root first
         self.zombies: list[int] = []  # unreaped children (host pids): not seized
         self.frozen_at = 0.0
+        self.ended_at: float | None = None   # when the tree was sent its death
         self.own_affinity = os.sched_getaffinity(0)
         self.collected: list[dict[str, Any]] = []
         self.zombie_tasks: list[image_pb2.Task] = []
@@ -448,7 +449,11 @@ class DumpSession:
 
     # -- letting go --
     def finish(self, kill: bool = False) -> float:
-        """Resume (detach while frozen, then thaw) or kill; frozen ms."""
+        """Resume (detach while frozen, then thaw) or kill; frozen ms: until
+        the tree runs again, or until it was sent its death (collecting the
+        exits of a large tree, whose memory the kernel frees, is not frozen
+        time: no task of it runs again)."""
+        self.ended_at = None
         try:
             if kill:
                 self._kill()
@@ -460,7 +465,7 @@ class DumpSession:
                     p.tracee.close()
                     p.tracee = None
             os.sched_setaffinity(0, self.own_affinity)
-        return (time.monotonic() - self.frozen_at) * 1000
+        return ((self.ended_at or time.monotonic()) - self.frozen_at) * 1000
 
     def _resume(self) -> None:
         fz, cg = self.freezer, self.cgroup
@@ -493,6 +498,7 @@ class DumpSession:
                     os.kill(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass   # already gone: the goal
+        self.ended_at = time.monotonic()
         if self.seized:
             # Collect the tracees' exits so the kernel can hand each process to
             # its parent: traced threads stay zombies until we do, and a
