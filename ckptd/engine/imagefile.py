@@ -1,13 +1,14 @@
 """The image file, readied before the tree is frozen.
 
 What a checkpoint costs its processes is the time they stay frozen. Writing a
-large image into a new tmpfs file spends most of that time allocating and
-first touching the file's pages (kernel/prefault.py): so, while the tree
+large image into a new file spends most of that time allocating and first
+touching the file's pages (kernel/prefault.py): so, while the tree
 still runs, the file is given the size the image is expected to reach, and
 its pages are faulted in from every CPU and kept mapped. The frozen dump
 then reads the task's pages straight into the mapping (MappedSink.take).
 The file is cut back to what was written at the end, whether the dump
-succeeded or not. Anything but a fresh read-write tmpfs file is left alone.
+succeeded or not. Anything but a fresh read-write file on a local file system
+(tmpfs, ext4, xfs, btrfs) is left alone: pipes and sockets stream.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ class Prepared:
 def prepare(sink: Any, pid: int, progress: Callable[[str, int, int], None] | None = None
             ) -> Prepared | None:
     """Ready the file behind ``sink`` for the image of the tree at ``pid``;
-    None if there is nothing to do (not a file, not tmpfs, a small tree)."""
-    fd = _fresh_tmpfs_file(sink)
+    None if there is nothing to do (not a local file, a small tree)."""
+    fd = _fresh_local_file(sink)
     if fd is None:
         return None
     start = os.lseek(fd, 0, os.SEEK_CUR)
@@ -156,9 +157,9 @@ def tree_memory(pid: int) -> int:
     return total
 
 
-def _fresh_tmpfs_file(sink: Any) -> int | None:
+def _fresh_local_file(sink: Any) -> int | None:
     """The descriptor behind ``sink`` if it is a read-write regular file on
-    tmpfs with nothing past its position; else None."""
+    a local file system with nothing past its position; else None."""
     try:
         sink.flush()
         fd = sink.fileno()
@@ -173,7 +174,8 @@ def _fresh_tmpfs_file(sink: Any) -> int | None:
         # are); appending writes would land past the prepared size.
         if flags & os.O_ACCMODE != os.O_RDWR or flags & os.O_APPEND:
             return None
-        if st.st_size != os.lseek(fd, 0, os.SEEK_CUR) or not prefault.is_tmpfs(fd):
+        if (st.st_size != os.lseek(fd, 0, os.SEEK_CUR)
+                or prefault.fs_type(fd) not in prefault.LOCAL_FS):
             return None
     except OSError:
         return None   # not a file we can reason about: write it as it comes

@@ -1,11 +1,12 @@
-"""Allocating a tmpfs file's pages ahead of the data, from several CPUs.
+"""Allocating a file's pages ahead of the data, from several CPUs.
 
-A write into a new tmpfs file allocates and first touches one page per 4 KiB
-while the writer waits. On a VM that hands freed memory back to its host
-(free page reporting), that first touch is a host fault, 2-5x the cost of
-the copy itself, and write() takes the inode lock, so one writer pays it
-alone. Faulting the pages in through a shared mapping takes no inode lock:
-several threads can do it side by side (MADV_POPULATE_WRITE, Linux 5.14).
+A write into a new file allocates and first touches one page (tmpfs, or the
+page cache of a disk file system) per 4 KiB while the writer waits. On a VM
+that hands freed memory back to its host (free page reporting), that first
+touch is a host fault, 2-5x the cost of the copy itself, and write() takes
+the inode lock, so one writer pays it alone. Faulting the pages in through a
+shared mapping takes no inode lock: several threads can do it side by side
+(MADV_POPULATE_WRITE, Linux 5.14).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import threading
 from . import syscalls
 
 TMPFS_MAGIC = 0x01021994
+# File systems whose shared mappings are plain page cache on this machine:
+# faulting in is cheap and reliable (not so on network file systems).
+LOCAL_FS = {TMPFS_MAGIC: "tmpfs", 0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs"}
 MADV_POPULATE_WRITE = 23
 PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_SHARED = 0x01
@@ -43,11 +47,12 @@ def _bind() -> ctypes.CDLL:
     return c
 
 
-def is_tmpfs(fd: int) -> bool:
+def fs_type(fd: int) -> int:
+    """The magic number of the file system ``fd`` is on (statfs(2))."""
     buf = _Statfs()
     if _bind().fstatfs(fd, ctypes.byref(buf)) != 0:
         raise OSError(ctypes.get_errno(), "fstatfs failed", fd)
-    return buf.f_type == TMPFS_MAGIC
+    return buf.f_type & 0xFFFFFFFF
 
 
 class FileMapping:

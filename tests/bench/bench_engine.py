@@ -47,7 +47,8 @@ def reap(pid: int) -> None:
 
 def cr(pid: int, reap_original) -> tuple[float, float, float]:
     t0 = time.perf_counter()
-    with open(IMAGE, "wb") as f:
+    # Read-write, as ckptctl creates its image files: the engine prepares it.
+    with os.fdopen(os.open(IMAGE, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         with api.checkpointed(pid, f) as cp:
             frozen = cp.finish(kill=True)
     dump = time.perf_counter() - t0

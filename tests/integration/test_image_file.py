@@ -1,8 +1,8 @@
 """The image file readied before the freeze (ckptd/engine/imagefile.py): a
-read-write file on tmpfs is sized and faulted in while the tree runs, then
-cut back to exactly the image, also when the dump fails; other files are
-written as they come. The prepared image restores a process that checks
-every one of its pages."""
+read-write file on a local file system is sized and faulted in while the
+tree runs, then cut back to exactly the image, also when the dump fails;
+other files are written as they come. The prepared image restores a
+process that checks every one of its pages."""
 
 from __future__ import annotations
 
@@ -98,15 +98,17 @@ def test_write_only_file_is_not_prepared(tmp_path: Path, shm_image: Path, reques
         assert w.result() == "PASS", w.output()
 
 
-def test_only_fresh_read_write_tmpfs_files_of_large_trees_are_prepared(
-        tmp_path: Path, shm_image: Path) -> None:
+def test_only_fresh_read_write_local_files_of_large_trees_are_prepared(
+        tmp_path: Path, shm_image: Path, request) -> None:
     require_root()
     with Workload.start("mem1g", tmp_path / "wl", args=(str(MIB),)) as w:
         w.wait_ready()
         assert imagefile.tree_memory(w.pid) >= MIB << 20
-        with _open(tmp_path / "on-disk") as f:
-            if not prefault.is_tmpfs(f.fileno()):   # pytest's tmp_path is on disk here
-                assert imagefile.prepare(f, w.pid) is None
+        # Not a regular file: a pipe streams.
+        r, wr = os.pipe()
+        request.addfinalizer(lambda: (os.close(r), os.close(wr)))
+        with os.fdopen(os.dup(wr), "wb") as f:
+            assert imagefile.prepare(f, w.pid) is None
         with _open(shm_image, os.O_RDWR | os.O_APPEND) as f:
             assert imagefile.prepare(f, w.pid) is None
         shm_image.unlink()
@@ -116,6 +118,17 @@ def test_only_fresh_read_write_tmpfs_files_of_large_trees_are_prepared(
             os.lseek(f.fileno(), 0, os.SEEK_SET)   # bytes past the position: not ours to size
             assert imagefile.prepare(f, w.pid) is None
         assert shm_image.read_bytes() == b"kept"
+        # A disk file system's page cache is prepared as tmpfs is.
+        disk = tmp_path / "on-disk"
+        with _open(disk) as f:
+            if prefault.fs_type(f.fileno()) in prefault.LOCAL_FS:
+                prepared = imagefile.prepare(f, w.pid)
+                assert prepared is not None and disk.stat().st_size >= MIB << 20
+                prepared.sink.write(b"image")
+                prepared.trim()
+                prepared.close()
+                assert disk.read_bytes() == b"image"
+                assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 5
         w.go()
         assert w.result() == "PASS", w.output()
     proc = subprocess.Popen(["sleep", "1000"])

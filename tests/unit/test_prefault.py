@@ -58,10 +58,11 @@ def test_populate_from_an_unaligned_offset(shm_file: int) -> None:
     assert os.fstat(shm_file).st_blocks * 512 >= 8 << 20
 
 
-def test_is_tmpfs(shm_file: int, tmp_path: Path) -> None:
-    assert prefault.is_tmpfs(shm_file)
+def test_fs_type(shm_file: int) -> None:
+    assert prefault.fs_type(shm_file) == prefault.TMPFS_MAGIC
     with open("/proc/self/status", "rb") as f:
-        assert not prefault.is_tmpfs(f.fileno())
+        assert prefault.fs_type(f.fileno()) == 0x9FA0   # PROC_SUPER_MAGIC
+        assert prefault.fs_type(f.fileno()) not in prefault.LOCAL_FS
 
 
 def test_populate_beyond_the_end_fails_cleanly(shm_file: int) -> None:
