@@ -34,6 +34,8 @@ MIN_PREFAULT = 32 << 20
 KEEP_FREE = 64 << 20
 # Room for what goes with the pages (metadata records, record headers).
 SLACK = 1 << 20
+# Progress of a long preparation (tens of GiB take seconds), at most this often.
+PROGRESS_EVERY = 0.1
 
 
 class MappedSink:
@@ -122,7 +124,7 @@ def prepare(sink: Any, pid: int, progress: Callable[[str, int, int], None] | Non
     try:
         os.ftruncate(fd, start + want)
         mapping = prefault.FileMapping(fd, start, want)
-        mapping.populate(len(os.sched_getaffinity(0)))
+        mapping.populate(len(os.sched_getaffinity(0)), _every(PROGRESS_EVERY, progress, want))
     except OSError as e:
         # Only a head start: the write allocates its own pages without it.
         log.info("image_file_not_prepared", error=str(e))
@@ -132,6 +134,20 @@ def prepare(sink: Any, pid: int, progress: Callable[[str, int, int], None] | Non
         return None
     log.debug("image_file_prepared", bytes=want, ms=round((time.monotonic() - began) * 1000, 1))
     return Prepared(fd, start, mapping)
+
+
+def _every(seconds: float, progress: Callable[[str, int, int], None] | None, total: int
+           ) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    last = [time.monotonic()]
+
+    def report(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= seconds:
+            last[0] = now
+            progress("preparing the image file", done, total)
+    return report
 
 
 def tree_memory(pid: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
 
 from . import syscalls
 
@@ -83,22 +84,28 @@ class FileMapping:
             raise ValueError("the mapping is closed")
         return memoryview((ctypes.c_char * self.length).from_address(self.address)).cast("B")
 
-    def populate(self, threads: int) -> None:
+    def populate(self, threads: int, progress: Callable[[int], None] | None = None) -> None:
         """Fault every page in as written, ``threads`` at a time. Contents
-        already there are kept; holes become zero pages."""
+        already there are kept; holes become zero pages. ``progress`` gets
+        the bytes done so far, from the calling thread, after each step."""
         assert self._base is not None
         base, span, c = self._base, self._span, self._c
         n = max(1, min(threads, MAX_THREADS))
         failures: list[OSError] = []
+        done = [0] * n   # per thread: no lock needed, the sum is only a progress figure
 
         def work(first: int) -> None:
             for at in range(first * STEP, span, STEP * n):
                 if failures:
                     return
-                if c.madvise(base + at, min(STEP, span - at), MADV_POPULATE_WRITE) != 0:
+                step = min(STEP, span - at)
+                if c.madvise(base + at, step, MADV_POPULATE_WRITE) != 0:
                     failures.append(OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_WRITE)"
                                             " of the image file failed", self.fd))
                     return
+                done[first] += step
+                if first == 0 and progress is not None:
+                    progress(min(sum(done), self.length))
 
         helpers = [threading.Thread(target=work, args=(k,), name=f"ckptd-prefault-{k}")
                    for k in range(1, n)]

@@ -69,3 +69,16 @@ def test_populate_beyond_the_end_fails_cleanly(shm_file: int) -> None:
     os.ftruncate(shm_file, 1 << 20)
     with pytest.raises(OSError):
         prefault.populate(shm_file, 0, 8 << 20, 2)
+
+
+def test_populate_reports_progress(shm_file: int) -> None:
+    size = 5 * prefault.STEP + 4096
+    os.ftruncate(shm_file, size)
+    seen: list[int] = []
+    m = prefault.FileMapping(shm_file, 0, size)
+    try:
+        m.populate(2, seen.append)
+    finally:
+        m.close()
+    assert seen and seen == sorted(seen) and seen[-1] <= size
+    assert all(0 < n for n in seen)
