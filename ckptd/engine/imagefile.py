@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from ..kernel import prefault, proctask
+from ..kernel import prefault, procfs, proctask
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +152,8 @@ def _every(seconds: float, progress: Callable[[str, int, int], None] | None, tot
 
 def tree_memory(pid: int) -> int:
     """What the tree's memory pages should take in the image: each process's
-    anonymous, swapped and shared-memory bytes. Exact enough to size a file;
+    anonymous, shared-memory and swapped bytes (the kernel's counters in
+    /proc/PID/status: no page table walk). Exact enough to size a file;
     processes that come or go meanwhile are simply missed or skipped."""
     total = 0
     todo = [pid]
@@ -163,14 +164,18 @@ def tree_memory(pid: int) -> int:
             continue
         seen.add(p)
         try:
-            rollup = proctask.read_smaps_rollup(p)
+            status = procfs.read_status(p)
             todo += proctask.read_children(p)
         except (FileNotFoundError, ProcessLookupError):
-            continue
-        except PermissionError:
-            continue   # a kernel thread or a process we may not read: no pages of ours
-        total += rollup.get("Anonymous", 0) + rollup.get("Swap", 0) + rollup.get("Pss_Shmem", 0)
+            continue   # gone meanwhile: nothing of it to write
+        total += sum(_kib(status.get(key, "")) for key in ("RssAnon", "RssShmem", "VmSwap"))
     return total
+
+
+def _kib(value: str) -> int:
+    """A status value such as "1024 kB", in bytes; 0 if absent (kernel threads)."""
+    number, _, unit = value.partition(" ")
+    return int(number) << 10 if number.isdigit() and unit == "kB" else 0
 
 
 def _fresh_local_file(sink: Any) -> int | None:

@@ -143,17 +143,6 @@ def parse_stat_mm(text: str) -> MmFields:
                     env_start=f(50), env_end=f(51))
 
 
-def parse_smaps_rollup(text: str) -> dict[str, int]:
-    """/proc/PID/smaps_rollup: each "Name:  N kB" line as bytes."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
-            out[name] = int(parts[0]) << 10
-    return out
-
-
 def _read(pid: int, name: str) -> str:
     with open(f"{PROC}/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as f:
         return f.read()
@@ -161,10 +150,6 @@ def _read(pid: int, name: str) -> str:
 
 def read_smaps(pid: int) -> list[SmapsVma]:
     return parse_smaps(_read(pid, "smaps"))
-
-
-def read_smaps_rollup(pid: int) -> dict[str, int]:
-    return parse_smaps_rollup(_read(pid, "smaps_rollup"))
 
 
 def read_maps(pid: int) -> str:

@@ -1,6 +1,6 @@
-"""Faulting in a tmpfs file's pages from several threads (kernel/prefault.py),
-and reading smaps_rollup to size it. No privilege needed: /dev/shm is
-writable by anyone."""
+"""Faulting in a file's pages from several threads (kernel/prefault.py), and
+sizing it (engine/imagefile.py). No privilege needed: /dev/shm is writable
+by anyone."""
 
 from __future__ import annotations
 
@@ -9,26 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.kernel import prefault, proctask
-
-ROLLUP = """\
-55827d611000-7fffd39a9000 ---p 00000000 00:00 0                          [rollup]
-Rss:                1776 kB
-Pss_Shmem:             4 kB
-Anonymous:           112 kB
-Swap:                  0 kB
-"""
-
-
-def test_parse_smaps_rollup_in_bytes() -> None:
-    got = proctask.parse_smaps_rollup(ROLLUP)
-    assert got == {"Rss": 1776 << 10, "Pss_Shmem": 4 << 10, "Anonymous": 112 << 10, "Swap": 0}
-
-
-def test_read_smaps_rollup_of_this_process() -> None:
-    got = proctask.read_smaps_rollup(os.getpid())
-    assert got["Rss"] > 0 and "Anonymous" in got
-
+from ckptd.engine import imagefile
+from ckptd.kernel import prefault
 
 @pytest.fixture
 def shm_file():
@@ -82,3 +64,16 @@ def test_populate_reports_progress(shm_file: int) -> None:
         m.close()
     assert seen and seen == sorted(seen) and seen[-1] <= size
     assert all(0 < n for n in seen)
+
+
+def test_tree_memory_counts_this_process_anonymous_memory() -> None:
+    before = imagefile.tree_memory(os.getpid())
+    block = bytearray(b"x") * (64 << 20)   # touched: resident
+    after = imagefile.tree_memory(os.getpid())
+    assert after - before >= 60 << 20
+    del block
+
+
+def test_kib() -> None:
+    assert imagefile._kib("1024 kB") == 1 << 20
+    assert imagefile._kib("") == imagefile._kib("12") == imagefile._kib("x kB") == 0
