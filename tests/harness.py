@@ -47,6 +47,9 @@ class Daemon:
         self.log_path = root / "daemon.log"
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
+        # Where the daemon runs and with what environment (None: ours).
+        self.cwd: Path | None = None
+        self.env: dict[str, str] | None = None
 
     @property
     def address(self) -> str:
@@ -61,7 +64,7 @@ class Daemon:
         from ckptd_client import Client
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=self.cwd, env=self.env)
         log.close()
 
         def healthy() -> bool:

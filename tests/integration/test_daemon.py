@@ -379,3 +379,46 @@ def test_two_daemons_side_by_side(daemon_factory) -> None:
         assert cb.status(y.id).container.state == pb.CONTAINER_STATE_RUNNING
         ca.delete(x.id, force=True)
         assert cb.status(y.id).container.state == pb.CONTAINER_STATE_RUNNING
+
+
+class InstalledDaemon(Daemon):
+    """ckptd as its console script starts it: its package from where it is
+    installed (here PYTHONPATH), never from the current directory."""
+
+    def args(self) -> list[str]:
+        return [sys.executable, "-P", *super().args()[1:]]
+
+
+def test_daemon_started_in_another_checkout_runs_its_own_code(tmp_short: Path) -> None:
+    # The README's `pip install . && ckptd` starts the daemon inside a source
+    # checkout. Its shims and engine workers must still run the daemon's own
+    # ckptd, not whatever package the current directory holds: here a decoy
+    # that leaves a mark and fails. (Workers on the checkout's copy used to
+    # find another native stub there, and every restart was refused.)
+    from helpers import require_root
+    import ckptd
+    require_root()
+    decoy, marker = tmp_short / "checkout", tmp_short / "decoy-imported"
+    (decoy / "ckptd").mkdir(parents=True)
+    (decoy / "ckptd" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('decoy ckptd imported')\n")
+    (tmp_short / "d").mkdir()
+    d = InstalledDaemon(tmp_short / "d")
+    d.cwd = decoy
+    d.env = {**os.environ, "PYTHONPATH": str(Path(ckptd.__file__).resolve().parent.parent)}
+    d.start()
+    try:
+        image = tmp_short / "napper.img"
+        with d.client() as c:
+            ctr = c.run(["sleep", "1000"], name="napper")
+            assert c.checkpoint_to_file(str(image), ref=ctr.id) > 0
+            back = c.restart_from_file(str(image), name="napper2")
+            assert c.status(back.id).container.state == pb.CONTAINER_STATE_RUNNING
+        children = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+                    for p in Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children").read_text().split()]
+        assert any(b"ckptd.engine.forkserver" in argv for argv in children), children
+        assert all(b"-P" in argv for argv in children if b"-m" in argv), children
+        assert not marker.exists(), "a child of the daemon imported the decoy ckptd"
+    finally:
+        problems = d.cleanup()
+        assert not problems, "cleanup: " + "; ".join(problems) + "\n" + d.log()
