@@ -204,6 +204,10 @@ def test_daemon_restart_finds_its_containers(daemon: Daemon, tmp_short: Path) ->
         _freeze_directly(cg)
     daemon.stop()
     daemon.start()
+    # One line per start, with a count per state.
+    recovered = daemon.events("containers_recovered")
+    assert len(recovered) == 3, recovered
+    assert (recovered[-1]["count"], recovered[-1]["running"], recovered[-1]["frozen"]) == (2, 1, 1)
     with daemon.client() as c:
         iced = c.status("iced").container
         assert iced.state == pb.CONTAINER_STATE_FROZEN
