@@ -75,6 +75,8 @@ def test_container_lifecycle_through_the_library(daemon: Daemon, tmp_short: Path
 
         status = c.status(ctr.id).container
         assert status.num_tasks >= 1 and status.rss_bytes > 0
+        assert abs(status.started_at.ToNanoseconds() / 1e9 - time.time()) < 60
+        assert status.name == "web" and status.hostname == "box-1" and status.argv[0] == "sh"
         assert status.cgroup_path and Path(status.cgroup_path).is_dir()
 
         frozen = c.freeze(ctr.id)
@@ -135,11 +137,16 @@ def test_exit_code_and_errors(daemon: Daemon) -> None:
 
 def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
     counter = tmp_short / "counter"
-    r = daemon.ckptctl("run", "--name", "job", "--hostname", "h2", "--net", "new", "--",
-                       *counter_cmd(counter))
+    script = ('echo "host=$(hostname) cwd=$(pwd) greeting=$GREETING"; '
+              + COUNTER_LOOP.format(path=counter))
+    r = daemon.ckptctl("run", "--name", "job", "--hostname", "h2", "--net", "new",
+                       "-e", "GREETING=hello there", "--cwd", "/tmp", "--", "sh", "-c", script)
     assert r.returncode == 0, r.stderr
     cid = r.stdout.decode().strip()
     assert progresses(counter)
+    out = wait_for(lambda: b"host=" in (o := daemon.ckptctl("logs", "job").stdout) and o,
+                   5, "the container's first line")
+    assert out.splitlines()[0] == b"host=h2 cwd=/tmp greeting=hello there"
 
     r = daemon.ckptctl("ps")
     assert r.returncode == 0 and "job" in r.stdout.decode() and "running" in r.stdout.decode()
@@ -147,7 +154,8 @@ def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
     listed = json.loads(r.stdout)
     assert [x["id"] for x in listed] == [cid]
     init_pid = int(listed[0]["init_pid"])
-    assert ns_inode(init_pid, "net") != ns_inode("self", "net")
+    for kind in ("pid", "uts", "ipc", "mnt", "net"):
+        assert ns_inode(init_pid, kind) != ns_inode("self", kind), kind
     links = subprocess.run(["nsenter", "-t", str(init_pid), "-n", "ip", "-o", "link"],
                            capture_output=True, text=True)
     if links.returncode == 0:  # iproute2 present: only lo, and it is up

@@ -239,6 +239,39 @@ def test_help_documents_exit_codes(capsys) -> None:
         assert f"\n    {code} " in cli.__doc__
 
 
+# What the issue names; the parser may have more, each is checked below too.
+ISSUE_COMMANDS = ("run", "ps", "list", "status", "freeze", "thaw", "kill", "rm", "logs",
+                  "checkpoint", "restart", "migrate", "image inspect")
+
+
+def _command_paths() -> list[str]:
+    """Every subcommand and alias the parser knows, "image inspect" included."""
+    import argparse
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found.append(f"{prefix}{name}")
+                    found += walk(sub, f"{prefix}{name} ")
+        return found
+    return walk(cli.build_parser(), "")
+
+
+def test_every_command_of_the_issue_exists() -> None:
+    assert set(ISSUE_COMMANDS) <= set(_command_paths())
+
+
+@pytest.mark.parametrize("command", _command_paths())
+def test_help_everywhere(capsys, command: str) -> None:
+    assert cli.main([*command.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ckptctl ") and len(out.splitlines()) > 3, out
+    if command != "image":
+        assert "examples:" in out, f"ckptctl {command} --help has no examples"
+
+
 def test_interrupt_is_130_without_traceback(ckptctl, capsys, monkeypatch) -> None:
     def interrupted(*a, **k):
         raise KeyboardInterrupt
