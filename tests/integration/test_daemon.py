@@ -131,6 +131,8 @@ def test_exit_code_and_errors(daemon: Daemon) -> None:
             c.run([])
         with pytest.raises(errors.FailedPrecondition, match="only a running container"):
             list(c.checkpoint(ctr.id))
+        with pytest.raises(errors.Unimplemented, match="migrate is not implemented yet"):
+            c.migrate(ctr.id, "127.0.0.1:7443")
         c.delete(ctr.id)
         assert c.list() == []
 
@@ -169,6 +171,13 @@ def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
     assert daemon.ckptctl("thaw", cid).returncode == 0
     assert progresses(counter)
 
+    # Migrate is a later issue's: UNIMPLEMENTED (exit 8), said in one line.
+    r = daemon.ckptctl("migrate", "job", "--to", str(tmp_short / "other.sock"))
+    assert r.returncode == 8, r.stderr
+    assert r.stderr.decode().splitlines() == [
+        "ckptctl: error: migrate is not implemented yet; meanwhile pipe a checkpoint into a "
+        "restart: ckptctl checkpoint ID -o - | ckptctl --address DEST restart -i -"]
+
     r = daemon.ckptctl("rm", "job")
     assert r.returncode == 4, "a running container is not deleted without --force"
     assert b"running" in r.stderr and b"Traceback" not in r.stderr
@@ -181,7 +190,7 @@ def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
     assert daemon.ckptctl("status", "job").returncode == 3
 
     r = daemon.ckptctl("checkpoint", cid, "-o", str(tmp_short / "img"))
-    assert r.returncode in (3, 8) and not (tmp_short / "img").exists()
+    assert r.returncode == 3 and not (tmp_short / "img").exists(), "it was deleted"
 
 
 def test_logs_and_tty(daemon: Daemon) -> None:
