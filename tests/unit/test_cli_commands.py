@@ -449,8 +449,29 @@ def test_image_inspect_bad_image_is_exit_9(capsys, fake_inspect, tmp_path) -> No
     assert cli.main(["image", "inspect", str(tmp_path / "none.img")]) == 1
 
 
+def test_image_inspect_real_image_from_stdin(capsys, monkeypatch) -> None:
+    from ckptd.image import ImageWriter, new_header
+    out = io.BytesIO()
+    secret = b"page bytes never shown " * 200
+    with ImageWriter(out) as w:
+        w.write_header(new_header(container_id="c0ffee", pid=4242))
+        w.write_pages(0x7000, secret, vma_id=3)
+    for argv, check in ((["image", "inspect", "-"], "summary"),
+                        (["image", "inspect", "--json", "-"], "json")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(out.getvalue())))
+        assert cli.main(["--address", "/nonexistent.sock", *argv]) == 0   # no daemon needed
+        text = capsys.readouterr().out
+        assert "page bytes never shown" not in text
+        if check == "summary":
+            assert "container c0ffee, pid 4242" in text and "digest   OK" in text
+        else:
+            result = json.loads(text)
+            assert result["header"]["source"]["container_id"] == "c0ffee"
+            assert result["pages"]["bytes"] == len(secret) and result["trailer"]["digest_ok"]
+            assert [r["type"] for r in result["records"]] == ["PAGES"]
+
+
 def test_image_inspect_real_module_rejects_garbage(capsys, tmp_path) -> None:
-    pytest.importorskip("ckptd.image.inspect")
     image = tmp_path / "x.img"
     image.write_bytes(b"definitely not a ckptd image")
     assert cli.main(["image", "inspect", str(image)]) == 9
