@@ -358,6 +358,22 @@ def test_tcp_requires_tls_or_loopback_insecure(tmp_short: Path) -> None:
                  "--listen", "0.0.0.0:7443", "--insecure"]) == 2
 
 
+def test_plain_tcp_on_loopback_with_insecure(daemon_factory) -> None:
+    from ckptd_client import Client
+    port = _free_port()
+    d = daemon_factory("--listen", f"127.0.0.1:{port}", "--insecure")
+    with Client(f"127.0.0.1:{port}", insecure=True, timeout=10) as c:
+        assert c.health()
+        ctr = c.run(["sleep", "1000"], name="plain")
+    r = subprocess.run([*_ckptctl(), "--address", f"127.0.0.1:{port}", "--insecure", "ps"],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0 and b"plain" in r.stdout, r.stderr
+    assert d.events("tcp_insecure"), "the daemon warns about plain TCP"
+    assert any(e["caller"].startswith("insecure-tcp:") for e in d.events("rpc"))
+    with d.client() as c:
+        c.delete(ctr.id, force=True)
+
+
 def test_health_and_reflection(daemon: Daemon) -> None:
     import grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
