@@ -19,6 +19,10 @@ from pathlib import Path
 CGROUP_MOUNTS = (Path("/sys/fs/cgroup/freezer"), Path("/sys/fs/cgroup/unified"))
 START_TIMEOUT = 20.0   # seconds; a cold Python start plus recovery takes ~1 s
 STOP_TIMEOUT = 15.0
+# A shim exits right after writing its container's exit status, the fork
+# server once its last worker is gone: give them a moment before calling
+# them left behind.
+LEFTOVER_WAIT = 5.0
 
 
 def wait_for(predicate, timeout: float = 5.0, what: str = "a condition", interval: float = 0.02):
@@ -47,6 +51,9 @@ class Daemon:
         self.log_path = root / "daemon.log"
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
+        # Where the daemon runs and with what environment (None: ours).
+        self.cwd: Path | None = None
+        self.env: dict[str, str] | None = None
 
     @property
     def address(self) -> str:
@@ -61,7 +68,7 @@ class Daemon:
         from ckptd_client import Client
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=self.cwd, env=self.env)
         log.close()
 
         def healthy() -> bool:
@@ -147,9 +154,46 @@ class Daemon:
                     _rmdir(leaf, problems)
             _kill_cgroup(top, problems)
             _rmdir(top, problems)
+        # Shims, workers and the fork server live outside the containers'
+        # cgroups; any that outlived the cleanup still holds a file of ours
+        # (a container log, the daemon's log as its stderr).
+        try:
+            wait_for(lambda: not holders(self.root), LEFTOVER_WAIT, "the daemon's helpers to exit")
+        except AssertionError:
+            for pid, path in sorted(holders(self.root).items()):
+                problems.append(f"process {pid} ({_comm(pid)}) left behind, holding {path}")
+                kill_and_reap(pid)
         if self.socket.exists():
             problems.append(f"socket {self.socket} left behind")
         return problems
+
+
+def holders(root: Path) -> dict[int, str]:
+    """Processes other than us with a file under ``root`` open (or as cwd):
+    pid -> one such path."""
+    found: dict[int, str] = {}
+    prefix = str(root) + "/"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{entry.name}/cwd")]
+            links += [os.readlink(f"/proc/{entry.name}/fd/{fd}")
+                      for fd in os.listdir(f"/proc/{entry.name}/fd")]
+        except OSError:
+            continue   # exited meanwhile, or a kernel thread
+        held = next((link for link in links
+                     if link == str(root) or link.startswith(prefix)), None)
+        if held is not None:
+            found[int(entry.name)] = held
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
 
 
 def _kill_cgroup(path: Path, problems: list[str]) -> None:

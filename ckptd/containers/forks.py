@@ -16,13 +16,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 from typing import Any, NoReturn
 
 import structlog
 
 from ckptd import logs
+from ckptd.containers.children import python_argv, python_env
 from ckptd.engine import forkserver as protocol
 
 log = structlog.get_logger(__name__)
@@ -136,11 +136,12 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", SERVER_MODULE],
+                python_argv(SERVER_MODULE),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=None,   # its own complaints go where our log goes
                 pass_fds=(theirs.fileno(),), close_fds=True,
-                env={**os.environ, **logs.child_env(), protocol.FD_ENV: str(theirs.fileno())},
+                env=python_env({**os.environ, **logs.child_env(),
+                                protocol.FD_ENV: str(theirs.fileno())}),
                 start_new_session=True)   # a Ctrl-C to a foreground daemon is not for it
         except OSError:
             ours.close()

@@ -14,12 +14,12 @@ import json
 import os
 import select
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptd.containers.children import python_argv, python_env
 from ckptd.containers.shim import ShimConfig
 from ckptd.containers.spares import Spares
 from ckptd.errors import SystemError_, TimeoutError_, UsageError
@@ -46,7 +46,7 @@ def spawn_shim(module: str = SHIM_MODULE) -> subprocess.Popen[bytes]:
     until it reads the config, which names the container's shim log."""
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", module],
+            python_argv(module), env=python_env(),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             close_fds=True, start_new_session=True, cwd="/",
         )

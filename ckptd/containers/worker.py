@@ -29,7 +29,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ import structlog
 from ckptd import errors, logs
 from ckptd.containers.forks import ForkServer, ForkServerError, RequestRefused
 from ckptd.containers.ahead import Put, read_ahead
+from ckptd.containers.children import python_argv, python_env
 from ckptd.containers.spares import Spares
 
 log = structlog.get_logger(__name__)
@@ -232,13 +232,14 @@ def _started(theirs: socket.socket) -> subprocess.Popen[bytes]:
     """A worker started afresh: ``python -m ckptd.engine.worker``."""
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", WORKER_MODULE],
+            python_argv(WORKER_MODULE),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=None,   # the worker's own log lines go where ours go
             # No preexec_fn to move it to fd 3: forking a threaded
             # daemon must not run Python in the child. Its number is passed.
             pass_fds=(theirs.fileno(),), close_fds=True,
-            env={**os.environ, **logs.child_env(), CONTROL_FD_ENV: str(theirs.fileno())},
+            env=python_env({**os.environ, **logs.child_env(),
+                            CONTROL_FD_ENV: str(theirs.fileno())}),
             start_new_session=True,   # a Ctrl-C to a foreground daemon is not for it
         )
     except OSError as e:

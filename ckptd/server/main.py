@@ -87,10 +87,8 @@ class Daemon:
         os.chmod(self.private_dir, 0o700)
         set_child_subreaper()
         self.manager = ContainerManager(cfg.state_dir, cfg.cgroup_root, freezer=cfg.freezer)
-        recovered = self.manager.recover()
+        self.manager.recover()   # logs containers_recovered with a count per state
         self.workers = WorkerPool()
-        log.info("containers_recovered", count=len(recovered),
-                 running=sum(1 for c in recovered if c.state.value in ("running", "frozen")))
 
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]

@@ -307,8 +307,9 @@ class Servicer(api_pb2_grpc.CkptdServicer):
 
     @_rpc()
     def Migrate(self, request, context, caller):
-        raise UnsupportedError("migrate is not implemented yet: it needs checkpoint and "
-                               "restart (engine issue #3)")
+        raise UnsupportedError("migrate is not implemented yet; meanwhile pipe a checkpoint "
+                               "into a restart: ckptctl checkpoint ID -o - | "
+                               "ckptctl --address DEST restart -i -")
 
 
 def add_to_server(servicer: Servicer, server: grpc.Server) -> None:

@@ -239,6 +239,39 @@ def test_help_documents_exit_codes(capsys) -> None:
         assert f"\n    {code} " in cli.__doc__
 
 
+# What the issue names; the parser may have more, each is checked below too.
+ISSUE_COMMANDS = ("run", "ps", "list", "status", "freeze", "thaw", "kill", "rm", "logs",
+                  "checkpoint", "restart", "migrate", "image inspect")
+
+
+def _command_paths() -> list[str]:
+    """Every subcommand and alias the parser knows, "image inspect" included."""
+    import argparse
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found.append(f"{prefix}{name}")
+                    found += walk(sub, f"{prefix}{name} ")
+        return found
+    return walk(cli.build_parser(), "")
+
+
+def test_every_command_of_the_issue_exists() -> None:
+    assert set(ISSUE_COMMANDS) <= set(_command_paths())
+
+
+@pytest.mark.parametrize("command", _command_paths())
+def test_help_everywhere(capsys, command: str) -> None:
+    assert cli.main([*command.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ckptctl ") and len(out.splitlines()) > 3, out
+    if command != "image":
+        assert "examples:" in out, f"ckptctl {command} --help has no examples"
+
+
 def test_interrupt_is_130_without_traceback(ckptctl, capsys, monkeypatch) -> None:
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -416,8 +449,29 @@ def test_image_inspect_bad_image_is_exit_9(capsys, fake_inspect, tmp_path) -> No
     assert cli.main(["image", "inspect", str(tmp_path / "none.img")]) == 1
 
 
+def test_image_inspect_real_image_from_stdin(capsys, monkeypatch) -> None:
+    from ckptd.image import ImageWriter, new_header
+    out = io.BytesIO()
+    secret = b"page bytes never shown " * 200
+    with ImageWriter(out) as w:
+        w.write_header(new_header(container_id="c0ffee", pid=4242))
+        w.write_pages(0x7000, secret, vma_id=3)
+    for argv, check in ((["image", "inspect", "-"], "summary"),
+                        (["image", "inspect", "--json", "-"], "json")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(out.getvalue())))
+        assert cli.main(["--address", "/nonexistent.sock", *argv]) == 0   # no daemon needed
+        text = capsys.readouterr().out
+        assert "page bytes never shown" not in text
+        if check == "summary":
+            assert "container c0ffee, pid 4242" in text and "digest   OK" in text
+        else:
+            result = json.loads(text)
+            assert result["header"]["source"]["container_id"] == "c0ffee"
+            assert result["pages"]["bytes"] == len(secret) and result["trailer"]["digest_ok"]
+            assert [r["type"] for r in result["records"]] == ["PAGES"]
+
+
 def test_image_inspect_real_module_rejects_garbage(capsys, tmp_path) -> None:
-    pytest.importorskip("ckptd.image.inspect")
     image = tmp_path / "x.img"
     image.write_bytes(b"definitely not a ckptd image")
     assert cli.main(["image", "inspect", str(image)]) == 9

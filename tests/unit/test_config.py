@@ -34,8 +34,8 @@ def test_file_then_flags(tmp_path: Path) -> None:
 
 def test_example_config_parses() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "config.example.toml"
-    if example.exists():
-        assert parse("--config", str(example)).socket == Path("/run/ckptd/ckptd.sock")
+    assert parse("--config", str(example)).socket == Path("/run/ckptd/ckptd.sock")
+    assert parse("--config", str(example), "--socket", "/tmp/x.sock").socket == Path("/tmp/x.sock")
 
 
 @pytest.mark.parametrize("content, message", [
