@@ -289,7 +289,8 @@ class ContainerManager:
     def freeze(self, ref: str, timeout: float = 10.0) -> ContainerInfo:
         with self._locked(ref) as entry:
             record = entry.record
-            self._require_running(record, "frozen")
+            if self._require_running(record, "frozen") == State.FROZEN:
+                raise StateError(f"container {record.id} is already frozen")
             began = time.monotonic()
             # Saved first: a daemon crash mid-freeze must not look like a
             # freeze done by someone else.
@@ -312,7 +313,8 @@ class ContainerManager:
     def thaw(self, ref: str, timeout: float = 10.0) -> ContainerInfo:
         with self._locked(ref) as entry:
             record = entry.record
-            self._require_running(record, "thawed")
+            if self._require_running(record, "thawed") != State.FROZEN:
+                raise StateError(f"container {record.id} is not frozen")
             began = time.monotonic()
             with kernel_call("thawing the container"):
                 try:
@@ -339,6 +341,12 @@ class ContainerManager:
             if observed.state in _ENDED:
                 raise StateError(f"container {record.id} is not running "
                                  f"(it is {observed.state.value})")
+            if timeout == 0 and self._drops(record, sig):
+                raise StateError(
+                    f"the init of container {record.id} has no handler for {sig.name}, and the "
+                    "kernel drops such signals to the init of a PID namespace: nothing would "
+                    f"happen. Give a timeout to send SIGKILL after it (ckptctl kill --timeout "
+                    "SECONDS), or send SIGKILL")
             try:
                 with process.pidfd(record.init_pid, record.init_start_time) as fd:
                     self._signal_init(record, fd, sig)
@@ -427,11 +435,19 @@ class ContainerManager:
     def _info(self, record: Record) -> ContainerInfo:
         return self._describe(record, self._observe(record))
 
-    def _require_running(self, record: Record, verb: str) -> None:
+    def _require_running(self, record: Record, verb: str) -> State:
+        """The container's state, running or frozen; ended is refused."""
         state = self._observe(record).state
         if state in _ENDED:
             raise StateError(f"container {record.id} is {state.value}; "
                              f"only a running container can be {verb}")
+        return state
+
+    def _drops(self, record: Record, sig: Signals) -> bool:
+        try:
+            return process.drops_signal(record.init_pid, sig)
+        except (ProcessLookupError, FileNotFoundError, KeyError):
+            return False   # gone meanwhile: the kill finds out and says so
 
     def _signal_init(self, record: Record, fd: int, sig: Signals) -> None:
         with kernel_call(f"sending {sig.name} to the container's init"):

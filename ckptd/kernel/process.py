@@ -78,6 +78,18 @@ def caught_signals(pid: int) -> frozenset[int]:
     return procfs.parse_signal_mask(procfs.read_status(pid)["SigCgt"])
 
 
+def drops_signal(pid: int, sig: int) -> bool:
+    """Whether the kernel drops ``sig`` sent to ``pid`` from outside: pid is
+    the init of its PID namespace and has no handler for it (SIGKILL and
+    SIGSTOP sent from an ancestor namespace always get through)."""
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        return False
+    fields = procfs.read_status(pid)
+    if fields.get("NSpid", "").split()[-1:] != ["1"]:
+        return False
+    return sig not in procfs.parse_signal_mask(fields["SigCgt"])
+
+
 CLONE_INTO_CGROUP = 0x200000000
 
 

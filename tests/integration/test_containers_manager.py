@@ -292,10 +292,14 @@ def test_freeze_thaw_and_kill(daemons: Daemons, tmp_path: Path, backend: str):
 
     frozen = manager.freeze("loop")
     assert frozen.state == State.FROZEN and cgroup_frozen(manager, frozen)
-    assert manager.freeze("loop", timeout=1).state == State.FROZEN      # idempotent
+    with pytest.raises(StateError, match="already frozen"):
+        manager.freeze("loop", timeout=1)
+    assert manager.get("loop").state == State.FROZEN
     assert_counter_stopped(counter)
     assert manager.thaw("loop").state == State.RUNNING
     assert not cgroup_frozen(manager, info)
+    with pytest.raises(StateError, match="is not frozen"):
+        manager.thaw("loop")
     assert_counter_grows(counter)
 
     done = manager.kill("loop", signal.SIGTERM, timeout=5)
@@ -324,7 +328,10 @@ def test_kill_timeout_escalates_to_sigkill(daemons: Daemons, backend: str):
     manager = daemons.start(backend)
     info = manager.run(RunSpec(argv=("sleep", "60")))   # no handler: the init ignores SIGTERM
     began = time.monotonic()
-    assert manager.kill(info.id, signal.SIGTERM).state == State.RUNNING
+    # Without a timeout nothing would happen: refused, saying what to do.
+    with pytest.raises(StateError, match="no handler for SIGTERM.*timeout"):
+        manager.kill(info.id, signal.SIGTERM)
+    assert manager.get(info.id).state == State.RUNNING
     done = manager.kill(info.id, signal.SIGTERM, timeout=0.3)
     assert done.state == State.EXITED and done.exit_signal == signal.SIGKILL
     assert time.monotonic() - began < 3

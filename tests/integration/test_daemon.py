@@ -137,6 +137,20 @@ def test_exit_code_and_errors(daemon: Daemon) -> None:
         assert c.list() == []
 
 
+def test_kill_that_the_init_would_never_see_is_refused(daemon: Daemon) -> None:
+    """A PID namespace's init without a SIGTERM handler never gets SIGTERM:
+    instead of a silent no-op, ckptctl says so and what to do."""
+    with daemon.client() as c:
+        ctr = c.run(["sleep", "1000"])
+    r = daemon.ckptctl("kill", ctr.id)
+    assert r.returncode == 4, r.stderr
+    assert "no handler for SIGTERM" in r.stderr.decode() and "--timeout" in r.stderr.decode()
+    assert daemon.ckptctl("kill", ctr.id, "--timeout", "0.2").returncode == 0
+    with daemon.client() as c:
+        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_EXITED
+        c.delete(ctr.id)
+
+
 def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
     counter = tmp_short / "counter"
     script = ('echo "host=$(hostname) cwd=$(pwd) greeting=$GREETING"; '
@@ -170,6 +184,10 @@ def test_ckptctl_drives_the_daemon(daemon: Daemon, tmp_short: Path) -> None:
     assert r.returncode == 0 and "frozen" in r.stdout.decode()
     assert daemon.ckptctl("thaw", cid).returncode == 0
     assert progresses(counter)
+    # Thawing a running container is refused: FAILED_PRECONDITION, exit 4.
+    r = daemon.ckptctl("thaw", cid)
+    assert r.returncode == 4 and r.stderr.decode().splitlines() == [
+        f"ckptctl: error: container {cid} is not frozen (container={cid})"], r.stderr
 
     # Migrate is a later issue's: UNIMPLEMENTED (exit 8), said in one line.
     r = daemon.ckptctl("migrate", "job", "--to", str(tmp_short / "other.sock"))
