@@ -13,6 +13,7 @@ import sys
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,10 +58,19 @@ class BuildPy(build_py):
         super().run()
 
 
+class NativeDistribution(Distribution):
+    """The package carries a compiled x86-64 binary (the restore stub): its
+    wheel must say which platform it is for, not py3-none-any."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
 # Generated before setup() so that package discovery finds ckptd.v1.
 generate_protos()
 setup(
     cmdclass={"build_py": BuildPy},
+    distclass=NativeDistribution,
     packages=[*find_packages(include=["ckptd", "ckptd.*"]), "ckptd_client"],
     package_dir={"ckptd_client": "client"},
 )
