@@ -16,6 +16,7 @@ resource fails the checkpoint before anything is changed.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -256,6 +257,10 @@ class DumpSession:
             except ProcessLookupError:
                 continue    # it exited meanwhile
             except OSError as e:
+                # The kernel refuses to attach to a thread that is exiting
+                # (EPERM): once it is gone, it was never part of the tree.
+                if e.errno == errno.EPERM and _thread_exiting(p.pid, tid):
+                    continue
                 raise SystemError_(f"cannot seize thread {tid} of pid {p.pid}: "
                                    f"{e.strerror}", pid=p.pid) from e
             p.tids.append(tid)
@@ -510,6 +515,16 @@ class DumpSession:
             for p in self.procs:
                 p.tids = []
         log.info("task_killed", pid=self.pid)
+
+
+def _thread_exiting(pid: int, tid: int) -> bool:
+    """Whether thread ``tid`` of ``pid`` is dead or on its way out."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X", "x")
 
 
 def _check_stoppable(pid: int, parent: int | None) -> bool:
