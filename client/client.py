@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import fcntl
 import os
+import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, TypeVar
@@ -25,7 +26,8 @@ from ckptd.v1 import api_pb2, api_pb2_grpc
 from .address import Address, TlsFiles, default_address, open_channel, parse_address
 from .errors import ClientError, Internal, InvalidArgument, from_rpc_error
 from .transfer import (
-    IMAGE_IN, IMAGE_OUT, LOCAL_FILES_ENV, PathOrFile, ProgressFn, atomic_output, counted,
+    IMAGE_IN, IMAGE_OUT, LOCAL_FILES_ENV, CheckpointRequests, PathOrFile, ProgressFn,
+    atomic_output, counted, make_durable,
     file_offset, hand_over, image_chunk_data, is_path, read_chunks, rechunk, regular_fd,
     restart_data, restart_request_bytes, write_chunks,
 )
@@ -94,9 +96,9 @@ class Client:
         # The image streams, with (de)serializers that skip protobuf objects
         # for the image bytes (see transfer.py); the same messages on the wire.
         service = f"/{api_pb2.DESCRIPTOR.services_by_name['Ckptd'].full_name}"
-        self._checkpoint = self._channel.unary_stream(
+        self._checkpoint = self._channel.stream_stream(
             f"{service}/Checkpoint",
-            request_serializer=api_pb2.CheckpointRequest.SerializeToString,
+            request_serializer=api_pb2.CheckpointCall.SerializeToString,
             response_deserializer=image_chunk_data)
         self._restart = self._channel.stream_unary(
             f"{service}/Restart", request_serializer=restart_request_bytes,
@@ -213,15 +215,19 @@ class Client:
 
     def checkpoint(
         self, ref: str | None = None, *, pid: int | None = None, leave_running: bool = False,
-        external: Sequence[str] = (),
+        external: Sequence[str] = (), before_ack: Callable[[], None] | None = None,
     ) -> Generator[bytes, None, None]:
         """Checkpoint container ``ref`` or host process tree ``pid``, yielding the
         image as the daemon produces it. Closing the iterator early cancels the
-        checkpoint (the daemon then leaves the target running). ``external``:
-        names of resources shared with processes outside the tree to accept as
+        checkpoint (the daemon then leaves the target running). Unless
+        ``leave_running``, the target is killed only once the consumer has
+        taken every chunk and asked for more: then ``before_ack`` (make what
+        was written durable) runs and the daemon is told it may kill; if
+        it raises, the target is resumed instead. ``external``: names of
+        resources shared with processes outside the tree to accept as
         private copies, as a refused checkpoint's message lists them."""
         request = _checkpoint_request(ref, pid, leave_running, external)
-        return self._data_stream(self._checkpoint, request, data=bytes)
+        return self._checkpoint_stream(request, before_ack)
 
     def checkpoint_to_file(
         self,
@@ -234,32 +240,113 @@ class Client:
         external: Sequence[str] = (),
     ) -> int:
         """Checkpoint into ``dest`` (a path, or a binary file left open); returns
-        the image size. A path gets the image only if all of it arrived.
-        ``external`` as for ``checkpoint``."""
+        the image size. A path gets the image only if all of it arrived; it
+        is in place, fsynced, before the target is killed. ``external`` as
+        for ``checkpoint``."""
         request = _checkpoint_request(ref, pid, leave_running, external)
         if not is_path(dest):
-            total = self._checkpoint_into(dest, request, progress)  # type: ignore[arg-type]
+            f = dest  # type: ignore[assignment]
+            total = self._checkpoint_into(f, request, progress,  # type: ignore[arg-type]
+                                          lambda: make_durable(f))  # type: ignore[arg-type]
             _check_not_empty(total)
             return total
-        with atomic_output(dest) as f:  # type: ignore[arg-type]
-            total = self._checkpoint_into(f, request, progress)
+        with atomic_output(dest) as out:  # type: ignore[arg-type]
+            total = self._checkpoint_into(out.file, request, progress, out.commit)
             _check_not_empty(total)  # inside: an empty image is not kept either
         return total
 
     def _checkpoint_into(self, f: BinaryIO, request: api_pb2.CheckpointRequest,
-                         progress: ProgressFn | None) -> int:
+                         progress: ProgressFn | None, before_ack: Callable[[], object]) -> int:
         fd = self._hand_over(f, IMAGE_OUT, request)
         if fd is not None:
             start = file_offset(fd)
-            self._await_empty_stream(self._checkpoint(request),
-                                     _offset_progress(fd, start, progress))
+            self._await_local_checkpoint(request, fd, start, _offset_progress(fd, start, progress),
+                                         before_ack)
             return _report(progress, file_offset(fd) - start)
         # The chunks as views of what gRPC received: written out without a copy.
-        stream = self._data_stream(self._checkpoint, request, data=None)
+        stream = self._checkpoint_stream(request, lambda: (f.flush(), before_ack()))
         # closing(): if writing fails (disk full, broken pipe), cancel the call
         # at once so that the daemon abandons the checkpoint.
         with contextlib.closing(stream):
             return write_chunks(counted(stream, progress), f)
+
+    def _checkpoint_stream(self, request: api_pb2.CheckpointRequest,
+                           before_ack: Callable[[], object] | None
+                           ) -> Generator[Any, None, None]:
+        requests = CheckpointRequests(request)
+        call = self._checkpoint(requests.messages())
+        received = 0
+        complete = False
+        try:
+            for message in call:
+                if isinstance(message, api_pb2.ImageComplete):
+                    _check_complete(message, received)
+                    complete = True
+                    if message.awaiting_ack:
+                        # Everything yielded has been consumed: the caller
+                        # asked for more. Durable first, then the kill.
+                        if before_ack is not None:
+                            before_ack()
+                        requests.ack(received)
+                    continue
+                received += len(message)
+                yield message
+            if not complete:
+                raise Internal("ckptd ended the checkpoint without saying the image was complete")
+        except grpc.RpcError as e:
+            raise self._error(e, None) from e
+        finally:
+            requests.end()
+            # The consumer stopped early (or we failed): tell the daemon, so it
+            # stops producing and resumes the target.
+            call.cancel()
+
+    def _await_local_checkpoint(self, request: api_pb2.CheckpointRequest, fd: int, start: int,
+                                poll: Callable[[], None] | None,
+                                before_ack: Callable[[], object]) -> None:
+        """Wait for a checkpoint into the local file ``fd`` (the engine writes
+        it; the call carries only the Complete message), calling ``poll``
+        meanwhile; then make the file durable and ack. Ctrl-C or an error
+        cancels the call, so that the daemon resumes the target."""
+        requests = CheckpointRequests(request)
+        call = self._checkpoint(requests.messages())
+        got: queue.Queue[Any] = queue.Queue()
+        _END = object()
+
+        def read() -> None:
+            try:
+                for message in call:
+                    got.put(message)
+                got.put(_END)
+            except grpc.RpcError as e:
+                got.put(e)
+
+        threading.Thread(target=read, name="ckptctl-checkpoint", daemon=True).start()
+        complete = False
+        try:
+            while True:
+                try:
+                    message = got.get(timeout=LOCAL_PROGRESS_SECONDS)
+                except queue.Empty:
+                    if poll is not None:
+                        poll()
+                    continue
+                if message is _END:
+                    break
+                if isinstance(message, grpc.RpcError):
+                    raise self._error(message, None) from message
+                if not isinstance(message, api_pb2.ImageComplete):
+                    raise Internal("ckptd streamed an image although it had the file to write")
+                _check_complete(message, file_offset(fd) - start)
+                complete = True
+                if message.awaiting_ack:
+                    before_ack()
+                    requests.ack(message.bytes)
+            if not complete:
+                raise Internal("ckptd ended the checkpoint without saying the image was complete")
+        finally:
+            requests.end()
+            call.cancel()   # nothing left to cancel when it ended well
 
     def restart(self, chunks: Iterable[bytes], *, name: str = "") -> Container:
         """Restart a container from the image bytes in ``chunks``."""
@@ -401,23 +488,6 @@ class Client:
             # stops producing and, for a checkpoint, resumes the target.
             call.cancel()
 
-    def _await_empty_stream(self, call: Any, poll: Callable[[], None] | None) -> None:
-        """Wait for the end of a server stream that carries no message (a
-        checkpoint into a local file), calling ``poll`` meanwhile; Ctrl-C or
-        an error cancels the call, so that the daemon resumes the target."""
-        done = threading.Event()
-        call.add_done_callback(lambda _: done.set())
-        try:
-            while not done.wait(LOCAL_PROGRESS_SECONDS):
-                if poll is not None:
-                    poll()
-            for _ in call:
-                raise Internal("ckptd streamed an image although it had the file to write")
-        except grpc.RpcError as e:
-            raise self._error(e, None) from e
-        finally:
-            call.cancel()   # nothing left to cancel when it ended well
-
     def _wait(
         self,
         future: grpc.Future,
@@ -448,6 +518,12 @@ class Client:
             return  # progress is cosmetic: the Migrate call reports real failures
         if op is not None:
             progress(op)
+
+
+def _check_complete(message: api_pb2.ImageComplete, received: int) -> None:
+    if message.bytes != received:
+        raise Internal(f"ckptd said the image was {message.bytes} bytes long, but "
+                       f"{received} arrived")
 
 
 def _checkpoint_request(ref: str | None, pid: int | None, leave_running: bool,

@@ -94,6 +94,8 @@ class FakeCkptd(api_pb2_grpc.CkptdServicer):
         self.restarts: list[RestartRecord] = []
         # Set when a Checkpoint call ends before the whole image was sent.
         self.checkpoint_cancelled = threading.Event()
+        # Each kill-mode checkpoint's ack: the byte count, None if none came.
+        self.checkpoint_acks: list[int | None] = []
         self._next_id = 100
         self._lock = threading.Lock()
 
@@ -200,7 +202,11 @@ class FakeCkptd(api_pb2_grpc.CkptdServicer):
 
     # -- checkpoint / restart -----------------------------------------------------------
 
-    def Checkpoint(self, request, context):  # noqa: N802
+    def Checkpoint(self, request_iterator, context):  # noqa: N802
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "request":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the request")
+        request = first.request
         self._enter("Checkpoint", request, context)
         if request.WhichOneof("target") == "id":
             self._find(request.id, context)
@@ -221,6 +227,21 @@ class FakeCkptd(api_pb2_grpc.CkptdServicer):
             chunk = self.image[start:start + FAKE_CHUNK_BYTES]
             sent += len(chunk)
             yield api_pb2.ImageChunk(data=chunk)
+        awaiting = not request.leave_running
+        yield api_pb2.ImageChunk(complete=api_pb2.ImageComplete(
+            bytes=sent, awaiting_ack=awaiting, ack_timeout_seconds=60))
+        if awaiting:
+            try:
+                answer = next(request_iterator, None)
+            except Exception:   # noqa: BLE001 - the caller cancelled: no ack
+                answer = None
+            acked = answer.ack.bytes if answer is not None and answer.WhichOneof("part") == "ack" \
+                else None
+            self.checkpoint_acks.append(acked)
+            if acked != sent:
+                finished.set()
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              "the caller did not confirm it had the whole image")
         finished.set()
 
     def Restart(self, request_iterator, context):  # noqa: N802

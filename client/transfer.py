@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import socket
 import stat
 import tempfile
@@ -49,11 +50,36 @@ _CHUNK_DATA = api_pb2.ImageChunk.DESCRIPTOR.fields_by_name["data"].number
 _RESTART_DATA = api_pb2.RestartRequest.DESCRIPTOR.fields_by_name["data"].number
 
 
-def image_chunk_data(raw: bytes) -> bytes | memoryview:
+def image_chunk_data(raw: bytes) -> bytes | memoryview | api_pb2.ImageComplete:
     """gRPC deserializer of ImageChunk straight to its data, a view of ``raw``
-    (a protobuf object would copy every chunk twice: parse, then ``.data``)."""
+    (a protobuf object would copy every chunk twice: parse, then ``.data``);
+    the ImageComplete of the last one."""
     data = decode_bytes_field(raw, _CHUNK_DATA)
-    return data if data is not None else api_pb2.ImageChunk.FromString(raw).data
+    if data is not None:
+        return data
+    chunk = api_pb2.ImageChunk.FromString(raw)
+    return chunk.complete if chunk.HasField("complete") else chunk.data
+
+
+class CheckpointRequests:
+    """The caller's side of a Checkpoint call: its request, then its ack
+    once ``ack`` is called; ``end`` (always, last) ends it without one."""
+
+    def __init__(self, request: api_pb2.CheckpointRequest) -> None:
+        self._request = request
+        self._answer: queue.Queue[int | None] = queue.Queue()
+
+    def messages(self) -> Iterator[api_pb2.CheckpointCall]:
+        yield api_pb2.CheckpointCall(request=self._request)
+        acked = self._answer.get()
+        if acked is not None:
+            yield api_pb2.CheckpointCall(ack=api_pb2.CheckpointAck(bytes=acked))
+
+    def ack(self, size: int) -> None:
+        self._answer.put(size)
+
+    def end(self) -> None:
+        self._answer.put(None)   # unblocks gRPC's sending thread if no ack went
 
 
 def restart_request_bytes(request: api_pb2.RestartRequest | bytes) -> bytes:
@@ -107,9 +133,30 @@ def write_chunks(chunks: Iterable[bytes], f: BinaryIO) -> int:
     return total
 
 
+class AtomicFile:
+    """An open file that appears at its path only once ``commit`` is called
+    (flushed, fsynced, renamed into place, the directory fsynced)."""
+
+    def __init__(self, f: BinaryIO, tmp: str, target: str) -> None:
+        self.file = f
+        self._tmp = tmp
+        self._target = target
+        self.committed = False
+
+    def commit(self) -> None:
+        if self.committed:
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        os.replace(self._tmp, self._target)
+        _sync_directory(os.path.dirname(self._target) or ".")
+        self.committed = True
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` only if the block finishes without error.
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[AtomicFile]:
+    """A file that appears at ``path`` only if committed, or if the block
+    finishes without error (which commits it).
 
     The temporary file is created with mode 0600 and keeps it: an image holds
     the whole memory of the checkpointed processes, secrets included.
@@ -121,18 +168,27 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     directory = os.path.dirname(target) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial",
                                dir=directory)
+    out: AtomicFile | None = None
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _sync_directory(directory)
+            out = AtomicFile(f, tmp, target)
+            yield out
+            out.commit()
     except BaseException:
-        # Any failure, Ctrl-C included, must not leave the partial image behind.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        # Any failure, Ctrl-C included, must not leave a partial image behind
+        # (a committed one is whole: the processes may be gone with it).
+        if out is None or not out.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+def make_durable(f: BinaryIO) -> None:
+    """Flush ``f``, and fsync it if it is a regular file (not a pipe or tty)."""
+    f.flush()
+    fd = regular_fd(f)
+    if fd is not None:
+        os.fsync(fd)
 
 
 def _sync_directory(directory: str) -> None:

@@ -3,9 +3,10 @@
 The engine runs in a worker process and writes the image to its stdout; this
 module hands the bytes on as they come (the daemon never holds the image),
 tracks progress for ``Status``, and once the whole image has gone out tells
-the worker to resume the tree (``leave_running``) or kill it. If anything
-fails, or the caller goes away before the image is complete, the tree is
-resumed: a failed checkpoint leaves it running as if nothing happened.
+the worker to resume the tree (``leave_running``) or, once the caller has
+confirmed it holds the image, kill it. If anything fails, or the caller goes
+away or never confirms, the tree is resumed: a failed checkpoint leaves it
+running as if nothing happened, and no image is lost with its processes.
 
 Given a caller's own file (``image_fd``), the worker writes the image there
 itself and nothing is yielded; progress then comes from the worker's reports.
@@ -32,7 +33,20 @@ log = structlog.get_logger(__name__)
 
 # Seconds for the worker to resume or kill the tree once told to.
 FINISH_TIMEOUT = 30.0
+# Seconds a stopped tree waits for the caller to confirm it holds the whole
+# image (written and fsynced) before it is killed; then it is resumed instead.
+ACK_TIMEOUT = 60.0
 KILLED_NOTE = "checkpointed and stopped (its image was sent to the caller)"
+
+
+@dataclass(frozen=True)
+class Complete:
+    """The last item of a checkpoint: the image is whole, ``bytes`` long; if
+    ``awaiting_ack``, the tree stays stopped until the caller's ack."""
+
+    bytes: int
+    awaiting_ack: bool
+    ack_timeout: float = ACK_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -49,10 +63,15 @@ class Target:
 
 def checkpoint(manager: ContainerManager, operations: Operations, workers: WorkerPool,
                target: Target, leave_running: bool, *, image_fd: int | None = None,
-               caller_waits: Callable[[], bool] = lambda: True) -> Iterator[bytes]:
-    """Image bytes, in chunks, as the engine produces them; none if the
-    engine writes them into ``image_fd`` (which stays the caller's to close).
-    ``caller_waits`` False once the caller has gone away."""
+               caller_waits: Callable[[], bool] = lambda: True,
+               wait_ack: Callable[[float], int | None] | None = None
+               ) -> Iterator[bytes | Complete]:
+    """Image bytes, in chunks, as the engine produces them (none if the
+    engine writes them into ``image_fd``, which stays the caller's to close),
+    then a ``Complete``. ``caller_waits`` False once the caller has gone away.
+    ``wait_ack(timeout)``: the byte count the caller confirms it holds, None
+    if it does not within ``timeout``; a tree to be killed is killed only
+    after a right one (without ``wait_ack``, as soon as the image is out)."""
     request, container_id = _request(manager, target)
     local = image_fd is not None
     with operations.track(Kind.CHECKPOINT, container_id or f"pid:{target.pid}") as op, \
@@ -82,6 +101,12 @@ def checkpoint(manager: ContainerManager, operations: Operations, workers: Worke
                 if not caller_waits():
                     raise errors.StateError("the caller went away before the checkpoint "
                                             "was complete")
+            awaiting = wait_ack is not None and not leave_running
+            yield Complete(sent, awaiting)
+            if awaiting:
+                assert wait_ack is not None
+                op.update(phase="waiting for the caller to confirm it has the image")
+                _check_ack(wait_ack(ACK_TIMEOUT), sent)
             op.update(phase="finishing")
             worker.send({"finish": "resume" if leave_running else "kill"})
             while True:
@@ -104,6 +129,15 @@ def checkpoint(manager: ContainerManager, operations: Operations, workers: Worke
         log.info("checkpoint_done", container=container_id or None, pid=target.pid or None,
                  bytes=sent, leave_running=leave_running, local_file=local,
                  **_figures(dumped, reply))
+
+
+def _check_ack(acked: int | None, sent: int) -> None:
+    if acked is None:
+        raise errors.StateError(f"the caller did not confirm within {ACK_TIMEOUT:g} s that it "
+                                "had the whole image; the processes were resumed, not killed")
+    if acked != sent:
+        raise errors.StateError(f"the caller confirmed {acked} bytes of a {sent} byte image; "
+                                "the processes were resumed, not killed")
 
 
 def _request(manager: ContainerManager, target: Target) -> tuple[dict[str, Any], str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import secrets
 import signal as signals
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,7 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ckptd import __version__
-from ckptd.containers.checkpoint import Target, checkpoint
+from ckptd.containers.checkpoint import Complete, Target, checkpoint
 from ckptd.containers.manager import ContainerManager
 from ckptd.containers.model import ContainerInfo, Network, RunSpec, State
 from ckptd.containers.operations import Kind, OperationInfo, Operations
@@ -156,6 +158,31 @@ def _rpc(stream: bool = False) -> Callable:
     return wrap
 
 
+def _ack_waiter(requests: Iterator[pb.CheckpointCall]) -> Callable[[float], int | None]:
+    """``wait(timeout)``: the byte count of the caller's CheckpointAck, read
+    from the rest of its stream; None if the stream ends, breaks or says
+    anything else first, or nothing comes within ``timeout``."""
+    answers: queue.Queue[int | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            message = next(requests, None)
+        except Exception:   # noqa: BLE001 - a broken or cancelled call: no ack
+            message = None
+        answers.put(message.ack.bytes if isinstance(message, pb.CheckpointCall)
+                    and message.WhichOneof("part") == "ack" else None)
+
+    def wait(timeout: float) -> int | None:
+        # The reader blocks in gRPC until a message or the call's end; it
+        # is left behind on a timeout and ends with the call.
+        threading.Thread(target=read, name="ckptd-checkpoint-ack", daemon=True).start()
+        try:
+            return answers.get(timeout=timeout)
+        except queue.Empty:
+            return None
+    return wait
+
+
 class Servicer(api_pb2_grpc.CkptdServicer):
     def __init__(self, manager: ContainerManager, operations: Operations, workers: WorkerPool,
                  peers: PeerTable, daemon_info: pb.DaemonInfo,
@@ -259,7 +286,12 @@ class Servicer(api_pb2_grpc.CkptdServicer):
                 time.sleep(LOG_FOLLOW_POLL)
 
     @_rpc(stream=True)
-    def Checkpoint(self, request, context, caller):
+    def Checkpoint(self, request_iterator, context, caller):
+        first = next(request_iterator, None)
+        if not isinstance(first, pb.CheckpointCall) or first.WhichOneof("part") != "request":
+            raise UsageError("a checkpoint call starts with its request message")
+        request = first.request
+        structlog.contextvars.bind_contextvars(**_log_fields(request))
         image_fd = self._local_file(request.local_output_token, IMAGE_OUT, caller)
         try:
             which = request.WhichOneof("target")
@@ -272,12 +304,18 @@ class Servicer(api_pb2_grpc.CkptdServicer):
                 target = Target(pid=request.pid, externals=tuple(request.external))
             else:
                 raise UsageError("checkpoint needs a container id or a pid")
-            # With a file of the caller's, nothing is yielded: the engine
-            # writes the image there itself.
-            for chunk in checkpoint(self.manager, self.operations, self.workers, target,
-                                    request.leave_running, image_fd=image_fd,
-                                    caller_waits=context.is_active):
-                yield encode_bytes_field(CHUNK_DATA, chunk)   # a serialized ImageChunk
+            # With a file of the caller's, only the Complete message is
+            # yielded: the engine writes the image there itself.
+            for item in checkpoint(self.manager, self.operations, self.workers, target,
+                                   request.leave_running, image_fd=image_fd,
+                                   caller_waits=context.is_active,
+                                   wait_ack=_ack_waiter(request_iterator)):
+                if isinstance(item, Complete):
+                    yield pb.ImageChunk(complete=pb.ImageComplete(
+                        bytes=item.bytes, awaiting_ack=item.awaiting_ack,
+                        ack_timeout_seconds=round(item.ack_timeout))).SerializeToString()
+                else:
+                    yield encode_bytes_field(CHUNK_DATA, item)   # a serialized ImageChunk
         finally:
             if image_fd is not None:
                 os.close(image_fd)

@@ -284,3 +284,49 @@ def test_a_lock_held_elsewhere_fails_the_restart_cleanly(daemon: Daemon, tmp_sho
             assert result.strip() == "PASS", result
         finally:
             c.delete(ctr.id, force=True)
+
+
+@pytest.mark.parametrize("answer", ["none", "wrong count", "local file, none"])
+def test_no_ack_no_kill(daemon: Daemon, tmp_short: Path, answer: str) -> None:
+    """A caller that never confirms it holds the whole image (it half-closes
+    its stream, or confirms the wrong size) does not get its processes
+    killed: they are resumed, and the call fails saying so."""
+    import grpc
+    from ckptd.v1 import api_pb2_grpc
+    from ckptd_client.transfer import IMAGE_OUT, hand_over
+    counter = tmp_short / "count"
+    with daemon.client() as c:
+        ctr = c.run([sys.executable, "-c", COUNTER_PY, str(counter)])
+        grows(counter)
+    request = pb.CheckpointRequest(id=ctr.id)
+    image = open(tmp_short / "img", "w+b")
+    if answer.startswith("local file"):
+        request.local_output_token = hand_over(daemon.address, image.fileno(), IMAGE_OUT)
+    complete = threading.Event()
+    sent = []
+
+    def calls():
+        yield pb.CheckpointCall(request=request)
+        if answer == "wrong count":
+            assert complete.wait(60)
+            yield pb.CheckpointCall(ack=pb.CheckpointAck(bytes=sum(sent) - 1))
+        # "none": the stream half-closes without an ack
+
+    received = 0
+    with grpc.insecure_channel("unix:" + daemon.address) as ch:
+        stub = api_pb2_grpc.CkptdStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            for chunk in stub.Checkpoint(calls()):
+                if chunk.HasField("complete"):
+                    assert chunk.complete.awaiting_ack
+                    assert chunk.complete.bytes == (received or os.fstat(image.fileno()).st_size)
+                    sent.append(chunk.complete.bytes)
+                    complete.set()
+                received += len(chunk.data)
+    image.close()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+    assert "resumed, not killed" in e.value.details()
+    assert sent, "the image was complete before the daemon waited"
+    with daemon.client() as c:
+        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+    grows(counter)

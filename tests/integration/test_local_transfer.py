@@ -171,7 +171,8 @@ if uid:
 with grpc.insecure_channel("unix:" + address) as ch:
     stub = api_pb2_grpc.CkptdStub(ch)
     try:
-        for _ in stub.Checkpoint(pb.CheckpointRequest(id="any", local_output_token=token)):
+        call = pb.CheckpointCall(request=pb.CheckpointRequest(id="any", local_output_token=token))
+        for _ in stub.Checkpoint(iter([call])):
             pass
         print("OK")
     except grpc.RpcError as e:
@@ -190,9 +191,12 @@ def test_tokens_are_single_use_and_bound_to_the_caller(daemon_factory,
 
     def checkpoint(token: str) -> str:
         try:
-            for _ in stub.Checkpoint(pb.CheckpointRequest(id=ctr.id, leave_running=True,
-                                                          local_output_token=token)):
-                raise AssertionError("no image data on the local path")
+            request = pb.CheckpointRequest(id=ctr.id, leave_running=True,
+                                           local_output_token=token)
+            for chunk in stub.Checkpoint(iter([pb.CheckpointCall(request=request)])):
+                # The local path carries only the last message: the image is complete.
+                assert chunk.HasField("complete") and not chunk.data, "no image data"
+                assert not chunk.complete.awaiting_ack, "a tree left running needs no ack"
             return "OK"
         except grpc.RpcError as e:
             return f"{e.code().name} {e.details()}"
@@ -251,8 +255,8 @@ def test_no_descriptor_left_in_the_daemon(daemon: Daemon, tmp_short: Path) -> No
                 token = hand_over(daemon.address, f.fileno(), IMAGE_IN)
                 stub = api_pb2_grpc.CkptdStub(c._channel)
                 with pytest.raises(grpc.RpcError):
-                    for _ in stub.Checkpoint(pb.CheckpointRequest(id="x",
-                                                                  local_output_token=token)):
+                    request = pb.CheckpointRequest(id="x", local_output_token=token)
+                    for _ in stub.Checkpoint(iter([pb.CheckpointCall(request=request)])):
                         pass
 
     round_trip()   # spare workers, gRPC threads: everything lazy exists now

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -282,6 +283,59 @@ def test_checkpoint_streams_the_image(client: Client, daemon: tuple[str, FakeCkp
     assert b"".join(client.checkpoint(pid=77, leave_running=True)) == daemon[1].image
     req = daemon[1].requests[-1][1]
     assert (req.pid, req.leave_running) == (77, True)
+
+
+def test_checkpoint_acks_only_a_kill_and_only_after_the_consumer_has_everything(
+        client: Client, daemon: tuple[str, FakeCkptd]) -> None:
+    fake = daemon[1]
+    order: list[str] = []
+    got = b""
+    for chunk in client.checkpoint("web", before_ack=lambda: order.append(
+            f"durable with {len(fake.checkpoint_acks)} acks")):
+        got += chunk
+        order.append("chunk")
+    assert got == fake.image
+    assert order[-1] == "durable with 0 acks" and set(order[:-1]) == {"chunk"}
+    assert fake.checkpoint_acks == [len(fake.image)]
+    b"".join(client.checkpoint("web", leave_running=True))
+    assert fake.checkpoint_acks == [len(fake.image)], "a tree left running is not waited on"
+
+
+def test_a_failed_before_ack_sends_no_ack(client: Client, daemon: tuple[str, FakeCkptd]) -> None:
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        b"".join(client.checkpoint("web", before_ack=disk_full))
+    # The daemon saw the call end without an ack (or cancelled while it
+    # waited for one): it resumes the tree.
+    fake = daemon[1]
+    deadline = time.monotonic() + 5
+    while fake.checkpoint_acks != [None] and not fake.checkpoint_cancelled.is_set():
+        assert time.monotonic() < deadline, fake.checkpoint_acks
+        time.sleep(0.01)
+    assert fake.checkpoint_acks in ([], [None])
+
+
+def test_checkpoint_to_file_is_in_place_before_the_ack(
+        client: Client, daemon: tuple[str, FakeCkptd], tmp_path) -> None:
+    dest = tmp_path / "web.img"
+    seen: list[bool] = []
+    original = Client._checkpoint_stream
+
+    def watching(self, request, before_ack):
+        def check_then_ack():
+            before_ack()
+            seen.append(dest.exists() and dest.stat().st_size == len(daemon[1].image))
+        return original(self, request, check_then_ack)
+
+    Client._checkpoint_stream = watching  # type: ignore[method-assign]
+    try:
+        client.checkpoint_to_file(dest, ref="web")
+    finally:
+        Client._checkpoint_stream = original  # type: ignore[method-assign]
+    assert seen == [True], "the image is whole at its path when the daemon may kill"
+    assert daemon[1].checkpoint_acks == [len(daemon[1].image)]
 
 
 def test_checkpoint_needs_exactly_one_target(client: Client) -> None:
