@@ -116,17 +116,7 @@ def scan_present_pagemap(pagemap_fd: int, start: int, end: int) -> list[PageRang
 
 def read_into(pid: int, addr: int, buf: memoryview) -> int:
     """process_vm_readv of len(buf) bytes at ``addr`` into ``buf``; bytes read."""
-    cbuf = (ctypes.c_char * buf.nbytes).from_buffer(buf)
-    local = Iovec(ctypes.addressof(cbuf), buf.nbytes)
-    remote = Iovec(addr, buf.nbytes)
-    n = libc().syscall(ctypes.c_long(SYS_PROCESS_VM_READV), ctypes.c_long(pid),
-                        ctypes.byref(local), ctypes.c_ulong(1), ctypes.byref(remote),
-                        ctypes.c_ulong(1), ctypes.c_ulong(0))
-    del cbuf
-    if n < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"process_vm_readv at {addr:#x} failed: {os.strerror(err)}", pid)
-    return n
+    return read_scatter(pid, addr, [buf])
 
 
 def read_scatter(pid: int, addr: int, bufs: list[memoryview]) -> int:
