@@ -4,6 +4,7 @@
    ckptd/v1/ (not in git: built, never hand-edited).
 2. Compile the native C sources under ckptd/native/ into ckptd/native/bin/
    (not in git either), see ckptd/native/build.py for the list and flags.
+3. Build the extension module ckptd.native._crc32 (the image checksum).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
@@ -66,11 +67,17 @@ class NativeDistribution(Distribution):
         return True
 
 
+# The image checksum, over every byte of a dump and a restore (crc32.c).
+CRC32 = Extension("ckptd.native._crc32", ["ckptd/native/crc32.c"],
+                  extra_compile_args=["-O2", "-Wall", "-Werror"])
+
+
 # Generated before setup() so that package discovery finds ckptd.v1.
 generate_protos()
 setup(
     cmdclass={"build_py": BuildPy},
     distclass=NativeDistribution,
+    ext_modules=[CRC32],
     packages=[*find_packages(include=["ckptd", "ckptd.*"]), "ckptd_client"],
     package_dir={"ckptd_client": "client"},
 )

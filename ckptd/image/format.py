@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
 from dataclasses import dataclass
 
 from ckptd.errors import ImageError
+from ckptd.native import crc32
 
 MAGIC = b"CKPTIMG\x00"
 FORMAT_VERSION = 1
@@ -77,9 +77,9 @@ def record_crc(rtype: int, flags: int, length: int,
     Covering the header fields too means a flipped type or length bit is
     caught at that record instead of only at the trailer's digest.
     """
-    crc = zlib.crc32(RECORD_PREFIX.pack(rtype, flags, length))
+    crc = crc32(RECORD_PREFIX.pack(rtype, flags, length))
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
     return crc
 
 

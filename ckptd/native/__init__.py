@@ -2,7 +2,9 @@
 
 ``binary(name)`` gives the path of a compiled program, or raises a clear error
 naming the missing file when the package was not built (e.g. run from a bare
-source tree without ``pip install .``).
+source tree without ``pip install .``). ``crc32`` is zlib.crc32, computed by
+the extension module built from crc32.c (several times faster), or by zlib
+where that was not built.
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ import struct
 from pathlib import Path
 
 from ckptd.errors import SystemError_
+
+try:
+    from ckptd.native._crc32 import accelerated as _accelerated
+    from ckptd.native._crc32 import crc32
+except ImportError:   # a bare source tree: same results, zlib's speed
+    from zlib import crc32
+
+    def _accelerated() -> bool:
+        return False
+
+
+def crc32_accelerated() -> bool:
+    """Whether ``crc32`` uses the CPU's carry-less multiply."""
+    return _accelerated()
 
 BIN_DIR = Path(__file__).resolve().parent / "bin"
 

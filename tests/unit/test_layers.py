@@ -16,7 +16,7 @@ ROOT = Path(ckptd.__file__).resolve().parent
 LEAVES = {"errors", "logs", "v1"}
 ALLOWED = {
     "kernel": set(),
-    "image": LEAVES,
+    "image": LEAVES | {"native"},   # its checksum
     "engine": LEAVES | {"image", "kernel", "native"},
     "containers": LEAVES | {"image", "kernel", "native", "engine"},
     "server": LEAVES | {"image", "kernel", "native", "engine", "containers"},
