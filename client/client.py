@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -386,7 +386,7 @@ class Client:
         if not is_path(source):
             return self._restart_from(source, name, progress)  # type: ignore[arg-type]
         with open(source, "rb") as f:  # type: ignore[arg-type]
-            return self._restart_from(f, name, progress)
+            return self._restart_from(cast(BinaryIO, f), name, progress)
 
     def _restart_from(self, f: BinaryIO, name: str, progress: ProgressFn | None) -> Container:
         options = api_pb2.RestartOptions(name=name)

@@ -102,9 +102,9 @@ def checkpoint(manager: ContainerManager, operations: Operations, workers: Worke
                     raise errors.StateError("the caller went away before the checkpoint "
                                             "was complete")
             awaiting = wait_ack is not None and not leave_running
-            yield Complete(sent, awaiting)
             if awaiting:
                 assert wait_ack is not None
+                yield Complete(sent, True)
                 op.update(phase="waiting for the caller to confirm it has the image")
                 _check_ack(wait_ack(ACK_TIMEOUT), sent)
             op.update(phase="finishing")
@@ -129,6 +129,9 @@ def checkpoint(manager: ContainerManager, operations: Operations, workers: Worke
         log.info("checkpoint_done", container=container_id or None, pid=target.pid or None,
                  bytes=sent, leave_running=leave_running, local_file=local,
                  **_figures(dumped, reply))
+        if not awaiting:
+            # Said once the tree runs again (or is gone): not worth its stopped time.
+            yield Complete(sent, False)
 
 
 def _check_ack(acked: int | None, sent: int) -> None:

@@ -19,7 +19,7 @@ try:
     from ckptd.native._crc32 import accelerated as _accelerated
     from ckptd.native._crc32 import crc32
 except ImportError:   # a bare source tree: same results, zlib's speed
-    from zlib import crc32
+    from zlib import crc32  # noqa: F401 - this module's crc32
 
     def _accelerated() -> bool:
         return False
