@@ -227,7 +227,7 @@ class Client:
         resources shared with processes outside the tree to accept as
         private copies, as a refused checkpoint's message lists them."""
         request = _checkpoint_request(ref, pid, leave_running, external)
-        return self._checkpoint_stream(request, before_ack)
+        return _as_bytes(self._checkpoint_stream(request, before_ack))
 
     def checkpoint_to_file(
         self,
@@ -518,6 +518,13 @@ class Client:
             return  # progress is cosmetic: the Migrate call reports real failures
         if op is not None:
             progress(op)
+
+
+def _as_bytes(chunks: Generator[Any, None, None]) -> Generator[bytes, None, None]:
+    """Each chunk as bytes of its own (gRPC's are views); closing this closes ``chunks``."""
+    with contextlib.closing(chunks):
+        for chunk in chunks:
+            yield bytes(chunk)
 
 
 def _check_complete(message: api_pb2.ImageComplete, received: int) -> None:

@@ -468,3 +468,7 @@ def test_migrate_reports_progress(client: Client, daemon: tuple[str, FakeCkptd],
     seen: list[api_pb2.Operation] = []
     assert client.migrate("web", "10.0.0.2:7443", progress=seen.append).id == "d0ffee01"
     assert seen and seen[0].phase == "sending image"
+
+
+def test_checkpoint_chunks_are_bytes(client: Client) -> None:
+    assert all(type(chunk) is bytes for chunk in client.checkpoint("web"))
