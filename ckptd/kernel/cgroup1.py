@@ -8,6 +8,7 @@ SIGKILL until thawed, which kill_all takes care of.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -44,9 +45,21 @@ class FreezerV1(CgroupDir):
         return _STATES[read_control(path / "freezer.state").strip()]
 
     def freeze(self, path: Path, timeout: float) -> None:
-        write_control(path / "freezer.state", "FROZEN")
+        # A v1 freeze can stop short (a task busy forking or exiting when it
+        # was asked): the state then stays FREEZING until FROZEN is written
+        # again, which retries the tasks left (cgroup-v1 freezer-subsystem.rst).
+        sleeper = Sleeper(timeout)
         try:
-            self._wait_state(path, FreezerState.FROZEN, timeout)
+            while True:
+                try:
+                    write_control(path / "freezer.state", "FROZEN")
+                except OSError as e:
+                    if e.errno != errno.EBUSY:   # older kernels: "not all frozen yet"
+                        raise
+                if self.state(path) == FreezerState.FROZEN:
+                    return
+                if not sleeper.pause():
+                    raise timed_out("freezer.state did not become FROZEN", timeout, path)
         except TimeoutError:
             # Never leave a half-frozen cgroup behind.
             write_control(path / "freezer.state", "THAWED")
