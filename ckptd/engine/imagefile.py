@@ -129,7 +129,10 @@ def prepare(sink: Any, pid: int, progress: Callable[[str, int, int], None] | Non
         log.info("image_file_not_prepared", error=str(e))
         if mapping is not None:
             mapping.close()
-        os.ftruncate(fd, start)
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass   # never grown (a sealed memfd, say): nothing to take back
         return None
     log.debug("image_file_prepared", bytes=want, ms=round((time.monotonic() - began) * 1000, 1))
     return Prepared(fd, start, mapping)

@@ -201,3 +201,25 @@ def test_read_pages_fills_scattered_views_across_an_unreadable_page() -> None:
         assert buf == b"A" * page + b"B" * page + b"C" * page
     finally:
         kill_and_reap(proc.pid)
+
+
+def test_a_file_that_cannot_grow_is_written_as_it_comes(tmp_path: Path, request) -> None:
+    """A memfd sealed against growing (tmpfs, read-write, empty): preparing
+    it fails, quietly; the dump writes it the ordinary way, and fails only
+    because the image cannot grow either, leaving the tree running."""
+    require_root()
+    import fcntl
+    fd = os.memfd_create("sealed-image", os.MFD_ALLOW_SEALING)
+    request.addfinalizer(lambda: os.close(fd))
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    with Workload.start("mem1g", tmp_path / "wl", args=(str(MIB),)) as w:
+        w.wait_ready()
+        sink = os.fdopen(os.dup(fd), "wb")
+        assert imagefile.prepare(sink, w.pid) is None
+        with pytest.raises(PermissionError):   # the sink's own error, as it came
+            api.checkpoint(w.pid, sink, kill=True)
+        with pytest.raises(PermissionError):
+            sink.close()   # what it still buffers cannot be written either
+        assert os.fstat(fd).st_size == 0
+        w.go()
+        assert w.result() == "PASS", w.output()
