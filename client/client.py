@@ -26,7 +26,7 @@ from ckptd.v1 import api_pb2, api_pb2_grpc
 from .address import Address, TlsFiles, default_address, open_channel, parse_address
 from .errors import ClientError, Internal, InvalidArgument, from_rpc_error
 from .transfer import (
-    IMAGE_IN, IMAGE_OUT, LOCAL_FILES_ENV, CheckpointRequests, PathOrFile, ProgressFn,
+    IMAGE_IN, IMAGE_OUT, LOCAL_FILES_ENV, PathOrFile, ProgressFn,
     atomic_output, counted, make_durable,
     file_offset, hand_over, image_chunk_data, is_path, read_chunks, rechunk, regular_fd,
     restart_data, restart_request_bytes, write_chunks,
@@ -96,9 +96,9 @@ class Client:
         # The image streams, with (de)serializers that skip protobuf objects
         # for the image bytes (see transfer.py); the same messages on the wire.
         service = f"/{api_pb2.DESCRIPTOR.services_by_name['Ckptd'].full_name}"
-        self._checkpoint = self._channel.stream_stream(
+        self._checkpoint = self._channel.unary_stream(
             f"{service}/Checkpoint",
-            request_serializer=api_pb2.CheckpointCall.SerializeToString,
+            request_serializer=api_pb2.CheckpointRequest.SerializeToString,
             response_deserializer=image_chunk_data)
         self._restart = self._channel.stream_unary(
             f"{service}/Restart", request_serializer=restart_request_bytes,
@@ -273,8 +273,7 @@ class Client:
     def _checkpoint_stream(self, request: api_pb2.CheckpointRequest,
                            before_ack: Callable[[], object] | None
                            ) -> Generator[Any, None, None]:
-        requests = CheckpointRequests(request)
-        call = self._checkpoint(requests.messages())
+        call = self._checkpoint(request)
         received = 0
         complete = False
         try:
@@ -282,12 +281,12 @@ class Client:
                 if isinstance(message, api_pb2.ImageComplete):
                     _check_complete(message, received)
                     complete = True
-                    if message.awaiting_ack:
+                    if message.confirm_token:
                         # Everything yielded has been consumed: the caller
                         # asked for more. Durable first, then the kill.
                         if before_ack is not None:
                             before_ack()
-                        requests.ack(received)
+                        self._confirm(message)
                     continue
                 received += len(message)
                 yield message
@@ -296,20 +295,24 @@ class Client:
         except grpc.RpcError as e:
             raise self._error(e, None) from e
         finally:
-            requests.end()
             # The consumer stopped early (or we failed): tell the daemon, so it
             # stops producing and resumes the target.
             call.cancel()
+
+    def _confirm(self, complete: api_pb2.ImageComplete) -> None:
+        """Tell the daemon we hold the whole image: it may kill the tree."""
+        self._stub.ConfirmCheckpoint(
+            api_pb2.CheckpointConfirmation(token=complete.confirm_token, bytes=complete.bytes),
+            timeout=self.timeout)
 
     def _await_local_checkpoint(self, request: api_pb2.CheckpointRequest, fd: int, start: int,
                                 poll: Callable[[], None] | None,
                                 before_ack: Callable[[], object]) -> None:
         """Wait for a checkpoint into the local file ``fd`` (the engine writes
         it; the call carries only the Complete message), calling ``poll``
-        meanwhile; then make the file durable and ack. Ctrl-C or an error
-        cancels the call, so that the daemon resumes the target."""
-        requests = CheckpointRequests(request)
-        call = self._checkpoint(requests.messages())
+        meanwhile; then make the file durable and confirm. Ctrl-C or an
+        error cancels the call, so that the daemon resumes the target."""
+        call = self._checkpoint(request)
         got: queue.Queue[Any] = queue.Queue()
         _END = object()
 
@@ -339,13 +342,14 @@ class Client:
                     raise Internal("ckptd streamed an image although it had the file to write")
                 _check_complete(message, file_offset(fd) - start)
                 complete = True
-                if message.awaiting_ack:
+                if message.confirm_token:
                     before_ack()
-                    requests.ack(message.bytes)
+                    self._confirm(message)
             if not complete:
                 raise Internal("ckptd ended the checkpoint without saying the image was complete")
+        except grpc.RpcError as e:
+            raise self._error(e, None) from e
         finally:
-            requests.end()
             call.cancel()   # nothing left to cancel when it ended well
 
     def restart(self, chunks: Iterable[bytes], *, name: str = "") -> Container:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,8 @@ from .client import HEALTH_SERVICE
 # Fixed so that tests can compute ages: 2023-11-14 22:13:20 UTC.
 STARTED_AT = 1_700_000_000
 FAKE_CHUNK_BYTES = 1024 * 1024
+# How long a fake checkpoint to be killed waits for its confirmation.
+FAKE_CONFIRM_SECONDS = 5
 
 
 def fake_image(size: int) -> bytes:
@@ -94,8 +97,9 @@ class FakeCkptd(api_pb2_grpc.CkptdServicer):
         self.restarts: list[RestartRecord] = []
         # Set when a Checkpoint call ends before the whole image was sent.
         self.checkpoint_cancelled = threading.Event()
-        # Each kill-mode checkpoint's ack: the byte count, None if none came.
+        # Each kill-mode checkpoint's confirmation: the byte count, None if none came.
         self.checkpoint_acks: list[int | None] = []
+        self._confirmations: dict[str, queue.Queue[int]] = {}
         self._next_id = 100
         self._lock = threading.Lock()
 
@@ -202,11 +206,7 @@ class FakeCkptd(api_pb2_grpc.CkptdServicer):
 
     # -- checkpoint / restart -----------------------------------------------------------
 
-    def Checkpoint(self, request_iterator, context):  # noqa: N802
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "request":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the request")
-        request = first.request
+    def Checkpoint(self, request, context):  # noqa: N802
         self._enter("Checkpoint", request, context)
         if request.WhichOneof("target") == "id":
             self._find(request.id, context)
@@ -227,22 +227,34 @@ class FakeCkptd(api_pb2_grpc.CkptdServicer):
             chunk = self.image[start:start + FAKE_CHUNK_BYTES]
             sent += len(chunk)
             yield api_pb2.ImageChunk(data=chunk)
-        awaiting = not request.leave_running
+        token = "" if request.leave_running else f"token-{len(self.checkpoint_acks)}"
+        if token:
+            self._confirmations[token] = queue.Queue(1)
         yield api_pb2.ImageChunk(complete=api_pb2.ImageComplete(
-            bytes=sent, awaiting_ack=awaiting, ack_timeout_seconds=60))
-        if awaiting:
-            try:
-                answer = next(request_iterator, None)
-            except Exception:   # noqa: BLE001 - the caller cancelled: no ack
-                answer = None
-            acked = answer.ack.bytes if answer is not None and answer.WhichOneof("part") == "ack" \
-                else None
+            bytes=sent, confirm_token=token, confirm_timeout_seconds=FAKE_CONFIRM_SECONDS))
+        if token:
+            acked = None
+            deadline = time.monotonic() + FAKE_CONFIRM_SECONDS
+            while acked is None and context.is_active() and time.monotonic() < deadline:
+                try:
+                    acked = self._confirmations[token].get(timeout=0.05)
+                except queue.Empty:
+                    continue
+            del self._confirmations[token]
             self.checkpoint_acks.append(acked)
             if acked != sent:
                 finished.set()
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               "the caller did not confirm it had the whole image")
         finished.set()
+
+    def ConfirmCheckpoint(self, request, context):  # noqa: N802
+        # Not in ``requests``: part of the Checkpoint it confirms.
+        waiting = self._confirmations.get(request.token)
+        if waiting is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no checkpoint waits for this confirmation")
+        waiting.put(request.bytes)
+        return api_pb2.ConfirmCheckpointResponse()
 
     def Restart(self, request_iterator, context):  # noqa: N802
         record = RestartRecord()

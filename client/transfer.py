@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import queue
 import socket
 import stat
 import tempfile
@@ -59,27 +58,6 @@ def image_chunk_data(raw: bytes) -> bytes | memoryview | api_pb2.ImageComplete:
         return data
     chunk = api_pb2.ImageChunk.FromString(raw)
     return chunk.complete if chunk.HasField("complete") else chunk.data
-
-
-class CheckpointRequests:
-    """The caller's side of a Checkpoint call: its request, then its ack
-    once ``ack`` is called; ``end`` (always, last) ends it without one."""
-
-    def __init__(self, request: api_pb2.CheckpointRequest) -> None:
-        self._request = request
-        self._answer: queue.Queue[int | None] = queue.Queue()
-
-    def messages(self) -> Iterator[api_pb2.CheckpointCall]:
-        yield api_pb2.CheckpointCall(request=self._request)
-        acked = self._answer.get()
-        if acked is not None:
-            yield api_pb2.CheckpointCall(ack=api_pb2.CheckpointAck(bytes=acked))
-
-    def ack(self, size: int) -> None:
-        self._answer.put(size)
-
-    def end(self) -> None:
-        self._answer.put(None)   # unblocks gRPC's sending thread if no ack went
 
 
 def restart_request_bytes(request: api_pb2.RestartRequest | bytes) -> bytes:

@@ -42,7 +42,7 @@ KILLED_NOTE = "checkpointed and stopped (its image was sent to the caller)"
 @dataclass(frozen=True)
 class Complete:
     """The last item of a checkpoint: the image is whole, ``bytes`` long; if
-    ``awaiting_ack``, the tree stays stopped until the caller's ack."""
+    ``awaiting_ack``, the tree stays stopped until the caller confirms."""
 
     bytes: int
     awaiting_ack: bool

@@ -8,14 +8,14 @@ one summary line (method, caller, container, duration, result).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
-import queue
 import secrets
 import signal as signals
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import grpc
 import structlog
@@ -32,6 +32,7 @@ from ckptd.containers.worker import WorkerPool
 from ckptd.errors import PermissionError_, UnsupportedError, UsageError
 from ckptd.image import decode_bytes_field, encode_bytes_field
 from ckptd.server.auth import IMAGE_IN, IMAGE_OUT, LocalFiles, Peer, PeerTable
+from ckptd.server.confirmations import Confirmations
 from ckptd.server.errors import status_of
 from ckptd.v1 import api_pb2 as pb
 from ckptd.v1 import api_pb2_grpc
@@ -105,6 +106,19 @@ def _log_fields(request: object) -> dict[str, object]:
     return fields
 
 
+class _Once:
+    """Who writes a call's summary line: the first to claim it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.done = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            first, self.done = not self.done, True
+            return first
+
+
 def _rpc(stream: bool = False) -> Callable:
     """Authenticate, bind log context, map errors and log one summary line."""
 
@@ -135,13 +149,35 @@ def _rpc(stream: bool = False) -> Callable:
             @functools.wraps(method)
             def streaming(self: Servicer, request: object, context: grpc.ServicerContext) -> Iterator:
                 start = time.monotonic()
+                summary = _Once()
+                inner: list[Generator] = []
+
+                def abandoned(bound: contextvars.Context) -> None:
+                    # A caller that cancels while we wait at a yield leaves us
+                    # there for good: gRPC pulls no more. Closing the method's
+                    # generator runs its cleanup (a checkpoint resumes its tree).
+                    if summary.done:
+                        return
+                    try:
+                        for gen in inner:
+                            gen.close()
+                    except ValueError:
+                        return   # running in gRPC's thread: it sees the end itself
+                    if summary.claim():
+                        bound.run(log.info, "rpc", result="CANCELLED",
+                                  ms=round((time.monotonic() - start) * 1000, 2))
+
                 try:
                     caller = begin(self, request, context)
-                    yield from method(self, request, context, caller)
+                    inner.append(method(self, request, context, caller))
+                    context.add_callback(functools.partial(abandoned, contextvars.copy_context()))
+                    yield from inner[0]
                 except Exception as e:  # every failure becomes a status, none a crash
-                    finish(start, context, e)
+                    if summary.claim():
+                        finish(start, context, e)
                 else:
-                    finish(start, context, None)
+                    if summary.claim():
+                        finish(start, context, None)
             return streaming
 
         @functools.wraps(method)
@@ -158,31 +194,6 @@ def _rpc(stream: bool = False) -> Callable:
     return wrap
 
 
-def _ack_waiter(requests: Iterator[pb.CheckpointCall]) -> Callable[[float], int | None]:
-    """``wait(timeout)``: the byte count of the caller's CheckpointAck, read
-    from the rest of its stream; None if the stream ends, breaks or says
-    anything else first, or nothing comes within ``timeout``."""
-    answers: queue.Queue[int | None] = queue.Queue()
-
-    def read() -> None:
-        try:
-            message = next(requests, None)
-        except Exception:   # noqa: BLE001 - a broken or cancelled call: no ack
-            message = None
-        answers.put(message.ack.bytes if isinstance(message, pb.CheckpointCall)
-                    and message.WhichOneof("part") == "ack" else None)
-
-    def wait(timeout: float) -> int | None:
-        # The reader blocks in gRPC until a message or the call's end; it
-        # is left behind on a timeout and ends with the call.
-        threading.Thread(target=read, name="ckptd-checkpoint-ack", daemon=True).start()
-        try:
-            return answers.get(timeout=timeout)
-        except queue.Empty:
-            return None
-    return wait
-
-
 class Servicer(api_pb2_grpc.CkptdServicer):
     def __init__(self, manager: ContainerManager, operations: Operations, workers: WorkerPool,
                  peers: PeerTable, daemon_info: pb.DaemonInfo,
@@ -193,6 +204,7 @@ class Servicer(api_pb2_grpc.CkptdServicer):
         self.peers = peers
         self.daemon_info = daemon_info
         self.local_files = LocalFiles() if local_files is None else local_files
+        self.confirmations = Confirmations()
 
     def _local_file(self, token: str, mode: str, caller: Peer) -> int | None:
         """The caller's own file behind ``token`` (ours to close), if one was named."""
@@ -286,13 +298,11 @@ class Servicer(api_pb2_grpc.CkptdServicer):
                 time.sleep(LOG_FOLLOW_POLL)
 
     @_rpc(stream=True)
-    def Checkpoint(self, request_iterator, context, caller):
-        first = next(request_iterator, None)
-        if not isinstance(first, pb.CheckpointCall) or first.WhichOneof("part") != "request":
-            raise UsageError("a checkpoint call starts with its request message")
-        request = first.request
-        structlog.contextvars.bind_contextvars(**_log_fields(request))
+    def Checkpoint(self, request, context, caller):
         image_fd = self._local_file(request.local_output_token, IMAGE_OUT, caller)
+        items: Generator[bytes | Complete, None, None] | None = None
+        # A tree to be killed waits, stopped, for the caller's confirmation.
+        confirmation = None if request.leave_running else self.confirmations.open(caller)
         try:
             which = request.WhichOneof("target")
             if which == "id":
@@ -304,21 +314,33 @@ class Servicer(api_pb2_grpc.CkptdServicer):
                 target = Target(pid=request.pid, externals=tuple(request.external))
             else:
                 raise UsageError("checkpoint needs a container id or a pid")
+            wait_ack = None if confirmation is None else \
+                functools.partial(confirmation.wait, caller_waits=context.is_active)
             # With a file of the caller's, only the Complete message is
             # yielded: the engine writes the image there itself.
-            for item in checkpoint(self.manager, self.operations, self.workers, target,
-                                   request.leave_running, image_fd=image_fd,
-                                   caller_waits=context.is_active,
-                                   wait_ack=_ack_waiter(request_iterator)):
+            items = checkpoint(self.manager, self.operations, self.workers, target,
+                               request.leave_running, image_fd=image_fd,
+                               caller_waits=context.is_active, wait_ack=wait_ack)
+            for item in items:
                 if isinstance(item, Complete):
+                    token = confirmation.token if item.awaiting_ack and confirmation else ""
                     yield pb.ImageChunk(complete=pb.ImageComplete(
-                        bytes=item.bytes, awaiting_ack=item.awaiting_ack,
-                        ack_timeout_seconds=round(item.ack_timeout))).SerializeToString()
+                        bytes=item.bytes, confirm_token=token,
+                        confirm_timeout_seconds=round(item.ack_timeout))).SerializeToString()
                 else:
                     yield encode_bytes_field(CHUNK_DATA, item)   # a serialized ImageChunk
         finally:
+            if items is not None:
+                items.close()   # abandoned (see _rpc): its own cleanup resumes the tree
+            if confirmation is not None:
+                self.confirmations.close(confirmation)
             if image_fd is not None:
                 os.close(image_fd)
+
+    @_rpc()
+    def ConfirmCheckpoint(self, request, context, caller):
+        self.confirmations.confirm(request.token, caller, request.bytes)
+        return pb.ConfirmCheckpointResponse()
 
     @_rpc()
     def Restart(self, request_iterator, context, caller):

@@ -286,14 +286,16 @@ def test_a_lock_held_elsewhere_fails_the_restart_cleanly(daemon: Daemon, tmp_sho
             c.delete(ctr.id, force=True)
 
 
-@pytest.mark.parametrize("answer", ["none", "wrong count", "local file, none"])
-def test_no_ack_no_kill(daemon: Daemon, tmp_short: Path, answer: str) -> None:
-    """A caller that never confirms it holds the whole image (it half-closes
-    its stream, or confirms the wrong size) does not get its processes
-    killed: they are resumed, and the call fails saying so."""
+@pytest.mark.parametrize("answer", ["none", "wrong count", "local file, none", "another caller"])
+def test_no_confirmation_no_kill(daemon_factory, tmp_short: Path, answer: str) -> None:
+    """A caller that never confirms it holds the whole image (it goes away
+    after the last message, or confirms the wrong size), or a confirmation
+    by someone else, does not get the processes killed: they are resumed,
+    and the call fails saying so."""
     import grpc
     from ckptd.v1 import api_pb2_grpc
     from ckptd_client.transfer import IMAGE_OUT, hand_over
+    daemon = daemon_factory("--socket-group", "nogroup")
     counter = tmp_short / "count"
     with daemon.client() as c:
         ctr = c.run([sys.executable, "-c", COUNTER_PY, str(counter)])
@@ -302,31 +304,71 @@ def test_no_ack_no_kill(daemon: Daemon, tmp_short: Path, answer: str) -> None:
     image = open(tmp_short / "img", "w+b")
     if answer.startswith("local file"):
         request.local_output_token = hand_over(daemon.address, image.fileno(), IMAGE_OUT)
-    complete = threading.Event()
-    sent = []
-
-    def calls():
-        yield pb.CheckpointCall(request=request)
-        if answer == "wrong count":
-            assert complete.wait(60)
-            yield pb.CheckpointCall(ack=pb.CheckpointAck(bytes=sum(sent) - 1))
-        # "none": the stream half-closes without an ack
-
     received = 0
     with grpc.insecure_channel("unix:" + daemon.address) as ch:
         stub = api_pb2_grpc.CkptdStub(ch)
-        with pytest.raises(grpc.RpcError) as e:
-            for chunk in stub.Checkpoint(calls()):
-                if chunk.HasField("complete"):
-                    assert chunk.complete.awaiting_ack
-                    assert chunk.complete.bytes == (received or os.fstat(image.fileno()).st_size)
-                    sent.append(chunk.complete.bytes)
-                    complete.set()
-                received += len(chunk.data)
+        call = stub.Checkpoint(request)
+        for chunk in call:
+            if chunk.HasField("complete"):
+                done = chunk.complete
+                assert done.confirm_token and done.confirm_timeout_seconds == 60
+                assert done.bytes == (received or os.fstat(image.fileno()).st_size)
+                break
+            received += len(chunk.data)
+        if answer == "none" or answer.startswith("local file"):
+            call.cancel()   # gone without a word
+            code, details = grpc.StatusCode.CANCELLED, ""
+        else:
+            if answer == "wrong count":
+                stub.ConfirmCheckpoint(pb.CheckpointConfirmation(token=done.confirm_token,
+                                                                 bytes=done.bytes - 1))
+            else:
+                r = as_nobody(daemon, "confirm", done.confirm_token, str(done.bytes))
+                assert r.startswith("PERMISSION_DENIED"), r
+                call.cancel()
+            with pytest.raises(grpc.RpcError) as e:
+                for _ in call:
+                    pass
+            code, details = e.value.code(), e.value.details()
+        if answer == "wrong count":
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+            assert "resumed, not killed" in details
+        wait_for(lambda: any(e.get("method") == "Checkpoint" for e in daemon.events("rpc")),
+                 10, "the checkpoint call to end")
+        # A token is good only while its checkpoint waits.
+        with pytest.raises(grpc.RpcError) as spent:
+            stub.ConfirmCheckpoint(pb.CheckpointConfirmation(token=done.confirm_token,
+                                                             bytes=done.bytes))
+        assert spent.value.code() == grpc.StatusCode.NOT_FOUND
     image.close()
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
-    assert "resumed, not killed" in e.value.details()
-    assert sent, "the image was complete before the daemon waited"
     with daemon.client() as c:
-        assert c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING
+        wait_for(lambda: c.status(ctr.id).container.state == pb.CONTAINER_STATE_RUNNING, 10,
+                 "the container to run again")
     grows(counter)
+
+
+CONFIRM_AS_NOBODY = r"""
+import os, sys, grpc
+from ckptd.v1 import api_pb2 as pb, api_pb2_grpc
+address, token, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# Made as root (grpc imports lazily, from where nobody may not read); it
+# connects at its first call, as nobody: the daemon sees uid 65534.
+ch = grpc.insecure_channel("unix:" + address)
+stub = api_pb2_grpc.CkptdStub(ch)
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+try:
+    stub.ConfirmCheckpoint(pb.CheckpointConfirmation(token=token, bytes=size))
+    print("OK")
+except grpc.RpcError as e:
+    print(e.code().name, e.details())
+ch.close()
+"""
+
+
+def as_nobody(daemon: Daemon, what: str, token: str, size: str) -> str:
+    assert what == "confirm"
+    r = subprocess.run([sys.executable, "-c", CONFIRM_AS_NOBODY, daemon.address, token, size],
+                       capture_output=True, text=True, timeout=30)
+    return r.stdout.strip() or r.stderr

@@ -171,8 +171,7 @@ if uid:
 with grpc.insecure_channel("unix:" + address) as ch:
     stub = api_pb2_grpc.CkptdStub(ch)
     try:
-        call = pb.CheckpointCall(request=pb.CheckpointRequest(id="any", local_output_token=token))
-        for _ in stub.Checkpoint(iter([call])):
+        for _ in stub.Checkpoint(pb.CheckpointRequest(id="any", local_output_token=token)):
             pass
         print("OK")
     except grpc.RpcError as e:
@@ -193,10 +192,10 @@ def test_tokens_are_single_use_and_bound_to_the_caller(daemon_factory,
         try:
             request = pb.CheckpointRequest(id=ctr.id, leave_running=True,
                                            local_output_token=token)
-            for chunk in stub.Checkpoint(iter([pb.CheckpointCall(request=request)])):
+            for chunk in stub.Checkpoint(request):
                 # The local path carries only the last message: the image is complete.
                 assert chunk.HasField("complete") and not chunk.data, "no image data"
-                assert not chunk.complete.awaiting_ack, "a tree left running needs no ack"
+                assert not chunk.complete.confirm_token, "a tree left running waits for nothing"
             return "OK"
         except grpc.RpcError as e:
             return f"{e.code().name} {e.details()}"
@@ -256,7 +255,7 @@ def test_no_descriptor_left_in_the_daemon(daemon: Daemon, tmp_short: Path) -> No
                 stub = api_pb2_grpc.CkptdStub(c._channel)
                 with pytest.raises(grpc.RpcError):
                     request = pb.CheckpointRequest(id="x", local_output_token=token)
-                    for _ in stub.Checkpoint(iter([pb.CheckpointCall(request=request)])):
+                    for _ in stub.Checkpoint(request):
                         pass
 
     round_trip()   # spare workers, gRPC threads: everything lazy exists now
