@@ -91,6 +91,37 @@ def test_container_checkpoint_kill_restart(daemon: Daemon, tmp_short: Path) -> N
     assert new["id"]
 
 
+def test_checkpoint_piped_into_a_restart(daemon_factory, tmp_short: Path) -> None:
+    """The move between daemons the README shows: `ckptctl checkpoint ID -o - |
+    ckptctl --address OTHER restart -i -`. The image streams over gRPC both
+    ways (no local files on a pipe); the first is killed only once its
+    ckptctl has flushed the whole image into the pipe; the second counts on."""
+    import shlex
+    import shutil
+    here, there = daemon_factory(), daemon_factory()
+    counter = tmp_short / "count"
+    with here.client() as c:
+        ctr = c.run([sys.executable, "-c", COUNTER_PY, str(counter)], name="mover")
+        grows(counter)
+    exe = shutil.which("ckptctl") or f"{sys.executable} -m ckptd_client.cli"
+    line = (f"{exe} --address {shlex.quote(here.address)} checkpoint {ctr.id} -o - | "
+            f"{exe} --address {shlex.quote(there.address)} --json restart -i - --name moved")
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode() + here.log() + there.log()
+    moved = json.loads(r.stdout)
+    with here.client() as c:
+        old = c.status(ctr.id).container
+        assert old.state == pb.CONTAINER_STATE_EXITED and old.exit_signal == signal.SIGKILL
+        c.delete(ctr.id)
+    assert [e.get("result") for e in here.events("rpc") if e.get("method") == "ConfirmCheckpoint"] \
+        == ["OK"], "killed after the confirmation"
+    with there.client() as c:
+        assert c.status("moved").container.state == pb.CONTAINER_STATE_RUNNING
+        grows(counter)
+        c.kill(moved["id"], signal=signal.SIGKILL)
+        c.delete(moved["id"])
+
+
 def test_leave_running_and_progress(daemon: Daemon, tmp_short: Path) -> None:
     counter = tmp_short / "count"
     with daemon.client() as c:
