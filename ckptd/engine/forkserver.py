@@ -55,6 +55,8 @@ PR_GET_CHILD_SUBREAPER = 37
 # Names in ps/top (comm): a forked worker's command line is still the server's.
 SERVER_NAME = b"ckptd-forks"
 WORKER_NAME = b"ckptd-worker"
+SERVER_MODULE = "ckptd.engine.forkserver"   # as started: python -P -m ...
+WORKER_MODULE = "ckptd.engine.worker"
 CHILD_FAILED = 127                    # exit status of a child that could not become a worker
 
 
@@ -170,6 +172,7 @@ class Server:
             self.sock.detach()
             os.setsid()
             _set_name(WORKER_NAME)
+            _set_cmdline_module(SERVER_MODULE, WORKER_MODULE)
             for sig, disposition in self.dispositions.items():
                 if disposition is not None and signal.getsignal(sig) != disposition:
                     signal.signal(sig, disposition)
@@ -224,6 +227,25 @@ def _is_subreaper() -> bool:
 
 def _set_name(name: bytes) -> None:
     ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+def _set_cmdline_module(old: str, new: str) -> None:
+    """Make /proc/self/cmdline (what ps shows) name module ``new`` where it
+    names ``old``: rewritten in place, in the argument area the kernel reads
+    it from (moving that area would need CAP_SYS_RESOURCE), padded with NULs.
+    A forked worker then reads like a freshly started one."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])   # proc(5) fields 48, 49: arg_start/end
+        with open("/proc/self/cmdline", "rb") as f:
+            args = f.read()
+    except (OSError, ValueError, IndexError):
+        return   # cosmetic: never worth a worker
+    text = args.replace(b"\0" + old.encode() + b"\0", b"\0" + new.encode() + b"\0")
+    if text == args or len(text) > end - start:
+        return   # not started as expected: leave it as it is
+    ctypes.memmove(start, text.ljust(end - start, b"\0"), end - start)
 
 
 def main() -> int:

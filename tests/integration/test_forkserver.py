@@ -367,3 +367,20 @@ def test_nothing_is_left_after_the_daemon_stops(daemon: Daemon, tmp_short: Path)
     daemon.stop()
     left = [p for p, t in ours.items() if not pid_gone(p) and start_time(p) == t]
     assert not left, f"still there after the daemon stopped: {left}"
+
+
+def test_a_forked_worker_reads_like_a_fresh_one_in_ps(daemon: Daemon) -> None:
+    server = fork_server_of(daemon)
+    workers = wait_for(lambda: [c for c in children(server) if comm(c) == "ckptd-worker"], 20,
+                       "a spare worker")
+    args = Path(f"/proc/{workers[0]}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    assert args[-2:] == [b"-m", b"ckptd.engine.worker"], args
+    server_args = Path(f"/proc/{server}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    assert server_args[-2:] == [b"-m", b"ckptd.engine.forkserver"], "the server's own is kept"
+    # And the worker still works: a checkpoint and restart go through forked workers.
+    with daemon.client() as c:
+        ctr = c.run(["/bin/sleep", "1000"])
+        image = b"".join(c.checkpoint(ctr.id, leave_running=True))
+        assert image.startswith(b"CKPTIMG")
+        c.kill(ctr.id, signal=9)
+        c.delete(ctr.id)
