@@ -19,7 +19,8 @@ verifies everything and writes DIR/result: ``PASS`` or ``FAIL: reason`` lines
 state after go, to prove its checks can fail (``start(..., env={...})``).
 
 Owns: the workload table (name -> source, flags), ``build`` (gcc, cached in
-/tmp/ckptd-workloads-<uid>-<hash>/ by the hash of the sources and flags), ``Workload``
+$CKPTD_WORKLOADS_DIR or /tmp, in ckptd-workloads-<uid>-<hash>/ by the hash of the
+sources and flags), ``Workload``
 (spawn, protocol, cleanup) and ``outside_view``/``compare_views`` (what the
 kernel shows of a process from outside, for before/after comparison).
 """
@@ -104,9 +105,15 @@ def _gcc() -> tuple[str, str]:
     return gcc, version
 
 
+# Where the built workloads go: a test session sets its own, removed at its
+# end (tests/conftest.py); benchmarks and ad-hoc use share the temp dir.
+DIR_ENV = "CKPTD_WORKLOADS_DIR"
+
+
 def _cache_dir(key: str) -> Path:
     # Per uid: a directory made by root is no use to a test run by someone else.
-    path = Path(tempfile.gettempdir()) / f"ckptd-workloads-{os.geteuid()}-{key}"
+    base = os.environ.get(DIR_ENV) or tempfile.gettempdir()
+    path = Path(base) / f"ckptd-workloads-{os.geteuid()}-{key}"
     path.mkdir(mode=0o755, exist_ok=True)
     st = path.stat()
     # /tmp is shared: never run binaries from a directory someone else controls.
