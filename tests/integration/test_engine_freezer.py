@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import kill_and_reap
 from helpers import require, require_root
 from workloads.workloads import Workload, compare_views, outside_view
 
@@ -117,19 +118,8 @@ def test_threads_in_a_frozen_cgroup(cgroup, tmp_path: Path, request) -> None:
         w.reap()
         with open(image, "rb") as f:
             restored = api.restore(f)
-        request.addfinalizer(lambda: _reap(restored.pid))
+        request.addfinalizer(lambda: kill_and_reap(restored.pid))
         tids = sorted(int(t) for t in os.listdir(f"/proc/{w.pid}/task"))
         assert tids == sorted(int(t) for t in info["tids"].split(","))
         w.go()
         assert w.result() == "PASS", w.output()
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass   # not ours, or already reaped
